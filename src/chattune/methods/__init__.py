@@ -1,0 +1,93 @@
+"""The one registry of fine-tuning methods.
+
+Every method exposes the same small surface (a config dataclass and ``apply``, plus save,
+load, a way to switch itself off and, where possible, a merge into plain weights); the
+training loop, eval, chat and export only ever talk to a ``Method``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ContextManager
+
+import torch.nn as nn
+
+from chattune.config import closest
+from chattune.errors import UserError
+
+
+@dataclass(frozen=True)
+class Method:
+    """What the rest of chattune knows about a fine-tuning method.
+
+    Attributes:
+        name: registry key, the value of ``--method``.
+        config_cls: dataclass of the method's own settings (its config section).
+        apply: ``apply(model, cfg) -> model`` adds the trainable parts and freezes the rest.
+        save: ``save(model, dir)`` writes the trainable state (safetensors + JSON).
+        load: ``load(base_model, dir) -> model`` rebuilds the trained model on a fresh base.
+        disable: ``disable(model)`` is a context manager under which the model behaves
+            exactly as the untouched base; None when the base must be reloaded (full FT).
+        merge: ``merge(model) -> plain transformers model`` for export; None when the
+            method cannot become plain weights (prompt, prefix, bottleneck adapters).
+        supports_packing: False where virtual tokens make packed rows wrong.
+        description: one line for ``chattune methods``.
+    """
+
+    name: str
+    config_cls: type
+    apply: Callable[[nn.Module, object], nn.Module]
+    save: Callable[[nn.Module, Path], None]
+    load: Callable[[nn.Module, Path], nn.Module]
+    disable: Callable[[nn.Module], ContextManager] | None
+    merge: Callable[[nn.Module], nn.Module] | None
+    supports_packing: bool
+    description: str
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    REGISTRY[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    _load_all()
+    if name not in REGISTRY:
+        raise UserError(f"unknown method '{name}'{closest(name, list(REGISTRY))}; choose from {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def all_methods() -> dict[str, Method]:
+    _load_all()
+    return dict(REGISTRY)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; tied weights are counted once."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+def no_disable(model: nn.Module) -> ContextManager:
+    return contextlib.nullcontext()
+
+
+def _load_all() -> None:
+    # Import for the side effect of registration; kept lazy so `import chattune` stays light.
+    from chattune.methods import peft_methods  # noqa: F401
+
+    with contextlib.suppress(ImportError):
+        from chattune.methods import adapter  # noqa: F401
+    from chattune.methods import full  # noqa: F401
