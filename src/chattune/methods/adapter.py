@@ -164,7 +164,7 @@ def _wrappers(model: nn.Module) -> Iterator[tuple[str, AdapterWrapper]]:
             yield name, module
 
 
-def apply(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
+def apply(model: nn.Module, cfg: AdapterConfig, tokenizer=None) -> nn.Module:
     """Freeze the model and add bottleneck adapters to every decoder layer, in place.
 
     Args:
