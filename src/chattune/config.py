@@ -7,6 +7,7 @@ default.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -21,9 +22,9 @@ from chattune.errors import UserError
 
 def field(default: Any = dataclasses.MISSING, *, help: str, **kw: Any) -> Any:  # noqa: A002
     """A dataclass field with help text; mutable defaults go through ``default_factory``."""
-    if isinstance(default, (list, dict)):
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
         value = default
-        return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kw)
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(value), metadata={"help": help}, **kw)
     return dataclasses.field(default=default, metadata={"help": help}, **kw)
 
 

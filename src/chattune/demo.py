@@ -1,0 +1,52 @@
+"""``chattune demo`` (what ``make demo`` runs): offline, on the built-in SmolLM2-135M and the
+built-in arena sample. Fine-tunes LoRA for a few minutes, then shows base and tuned
+answers to three questions and the eval summary."""
+
+from __future__ import annotations
+
+import time
+
+from chattune.config import from_dict
+
+QUESTIONS = ["What's the capital of Italy?", "Why is the sky blue?", "Give me three tips for writing clean Python code."]
+
+
+def demo(args) -> int:
+    from chattune.evaluate import evaluate_run
+    from chattune.generate import generate_batch, load_run
+    from chattune.report import eval_table
+    from chattune.settings import RunConfig
+    from chattune.train import autocast_dtype, train
+
+    start = time.perf_counter()
+    cfg = from_dict(RunConfig, {
+        "model": {"name": "smollm2-135m"},
+        "data": {"dataset": "sample", "max_length": 512},
+        "method": {"name": "lora", "lora": {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}},
+        "train": {"output_dir": args.output_dir, "max_steps": args.max_steps, "lr": 1e-3, "batch_size": 4,
+                  "log_every": 5, "save_every": args.max_steps},
+        "eval": {"num_generate": 4, "max_new_tokens": 64},
+    })
+    print(f"== chattune demo: LoRA on smollm2-135m, built-in arena sample, {args.max_steps} steps ==", flush=True)
+    summary = train(cfg)
+    print(f"trained in {summary['train_seconds']:.0f} s ({summary['tokens_per_s']:.0f} tokens/s), "
+          f"final train loss {summary['final_train_loss']:.3f}", flush=True)
+    run = load_run(args.output_dir)
+    device = next(run.model.parameters()).device
+    dtype = autocast_dtype(cfg.train.precision, device)
+    convs = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    gen = dict(max_new_tokens=96, device=device, dtype=dtype)
+    with run.base() as base:
+        base_answers = generate_batch(base, run.tokenizer, convs, cfg.data.template, **gen)
+    tuned_answers = generate_batch(run.model, run.tokenizer, convs, cfg.data.template, **gen)
+    for q, b, t in zip(QUESTIONS, base_answers, tuned_answers):
+        print(f"\n### {q}\n[base ] {_show(b)}\n[tuned] {_show(t)}")
+    print()
+    print(eval_table(evaluate_run(run, "test")))
+    print(f"\ndemo finished in {time.perf_counter() - start:.0f} s; chat with it: chattune chat {args.output_dir}")
+    return 0
+
+
+def _show(answer: dict) -> str:
+    text = " ".join(answer["text"].split())
+    return text + ("  <EOS>" if answer["stopped"] else "  <cut at the token limit>")

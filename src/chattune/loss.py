@@ -1,0 +1,65 @@
+"""Next-token loss computed only where it counts.
+
+HF models return logits for every position: (B, T, V) floats, most of them for prompt
+and padding positions whose labels are IGNORE_INDEX. With a 49k vocabulary that tensor
+dominates activation memory. ``selected_logits`` puts a forward pre-hook on the LM head
+so it projects only the hidden states whose next token carries a loss: (N, C) -> (N, V).
+It works unchanged for every method, PEFT wrappers included: prompt tuning's virtual
+tokens are recognised as extra leading positions and skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from chattune.data import IGNORE_INDEX
+
+
+def shift_targets(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) labels -> (B, T) targets: position t predicts token t+1; the last predicts nothing."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def _unwrap(model):
+    return model.module if hasattr(model, "module") and not hasattr(model, "get_output_embeddings") else model
+
+
+@contextlib.contextmanager
+def selected_logits(model, keep: torch.Tensor):
+    """Within the block, the model's ``logits`` are (N, V) for the N True positions of ``keep`` (B, T)."""
+
+    def pre_hook(module, args):
+        hidden = args[0]  # (B, T + virtual, C)
+        mask = keep
+        extra = hidden.shape[1] - mask.shape[1]  # prompt tuning prepends virtual tokens
+        if extra > 0:
+            mask = F.pad(mask, (extra, 0), value=False)
+        return (hidden[mask],)  # (N, C)
+
+    handle = _unwrap(model).get_output_embeddings().register_forward_pre_hook(pre_hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def token_loss_sum(model, batch: dict, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over loss-bearing positions and their count.
+
+    ``targets`` defaults to the shifted labels; eval passes the shifted input ids to get
+    the all-token (seed-comparable) loss from the same forward code.
+    """
+    if targets is None:
+        targets = shift_targets(batch["labels"])
+    keep = targets != IGNORE_INDEX  # (B, T)
+    with selected_logits(model, keep):
+        logits = model(**model_inputs(batch), use_cache=False).logits  # (N, V)
+    loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    return loss, int(keep.sum())

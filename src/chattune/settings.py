@@ -1,0 +1,119 @@
+"""What a run is configured with: one dataclass per section of the YAML config.
+
+```yaml
+model: {name: smollm2-135m}
+data: {dataset: sample, max_length: 1024}     # chattune.data.DataConfig
+method: {name: lora, lora: {r: 8}}
+train: {lr: 2.0e-4, max_steps: 100}
+eval: {num_generate: 8}
+```
+The resolved config is written beside every run as ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from chattune.config import field, from_dict, load_yaml, merge, parse_overrides
+from chattune.data import DataConfig
+from chattune.errors import UserError
+
+
+@dataclass
+class ModelArgs:
+    name: str = field("smollm2-135m", help="hub id, local HF directory, .gguf file, or the built-in smollm2-135m")
+    trust_remote_code: bool = field(False, help="run modelling code shipped with a hub model (only if you trust it)")
+    attn_implementation: str = field("sdpa", help="attention kernel: sdpa or eager")
+
+
+@dataclass
+class MethodArgs:
+    name: str = field("lora", help="lora | adapter | prompt | prefix | ia3 | dora | full (see `chattune methods`)")
+    lora: dict = field({}, help="LoRA settings (r, alpha, dropout, target_modules)")
+    dora: dict = field({}, help="DoRA settings (same keys as lora)")
+    ia3: dict = field({}, help="IA3 settings (target_modules, feedforward_modules)")
+    adapter: dict = field({}, help="bottleneck adapter settings (placement, reduction_factor, ...)")
+    prompt: dict = field({}, help="prompt tuning settings (num_virtual_tokens, init_text)")
+    prefix: dict = field({}, help="prefix tuning settings (num_virtual_tokens, prefix_projection)")
+    full: dict = field({}, help="full fine-tuning (no settings)")
+
+    def settings(self):
+        """The selected method's typed settings, validated (unknown keys are errors)."""
+        from chattune.methods import get_method
+
+        method = get_method(self.name)
+        return from_dict(method.config_cls, getattr(self, self.name), f"method.{self.name}")
+
+
+@dataclass
+class TrainArgs:
+    output_dir: str = field("runs/run", help="run directory: config, adapter, tokenizer, metrics, checkpoint")
+    max_steps: int | None = field(None, help="optimiser steps; overrides epochs when set")
+    epochs: float = field(1.0, help="passes over the training split")
+    lr: float = field(2e-4, help="peak learning rate (AdamW)")
+    weight_decay: float = field(0.0, help="AdamW weight decay")
+    warmup_ratio: float = field(0.05, help="share of steps with linear warmup before the cosine decay")
+    batch_size: int = field(8, help="micro-batch size per process (rows; a packed row holds several conversations)")
+    grad_accum: int = field(1, help="micro-batches accumulated per optimiser step")
+    max_grad_norm: float = field(1.0, help="gradient clipping norm (0 disables)")
+    packing: bool | None = field(None, help="pack several conversations per row (default: on where the method supports it)")
+    precision: Literal["auto", "bf16", "fp32"] = field("auto", help="auto: bfloat16 autocast where supported (CPU included), else fp32")
+    seed: int = field(0, help="seed for data order, initialisation and dropout")
+    log_every: int = field(10, help="optimiser steps between metrics.jsonl lines")
+    eval_every: int = field(0, help="optimiser steps between validation passes (0: only at the end)")
+    save_every: int = field(50, help="optimiser steps between checkpoints")
+    early_stopping_patience: int = field(0, help="stop after this many evaluations without improvement (0: off)")
+    tensorboard: bool = field(False, help="also log to TensorBoard under output_dir/tb")
+    max_eval_samples: int = field(200, help="validation samples used by each in-training evaluation")
+
+    def __post_init__(self):
+        for name in ("batch_size", "grad_accum", "log_every", "save_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"train.{name} must be >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise UserError("train.max_steps must be >= 1")
+        if self.lr <= 0 or self.epochs <= 0:
+            raise UserError("train.lr and train.epochs must be positive")
+
+
+@dataclass
+class EvalArgs:
+    split: str = field("test", help="split to evaluate: train, validation or test")
+    batch_size: int = field(8, help="batch size for loss evaluation")
+    max_samples: int | None = field(None, help="evaluate at most this many samples of the split")
+    num_generate: int = field(8, help="held-out prompts answered for the generation metrics")
+    max_new_tokens: int = field(128, help="generation budget per answer")
+
+
+@dataclass
+class RunConfig:
+    model: ModelArgs = field(ModelArgs(), help="base model")
+    data: DataConfig = field(DataConfig(), help="data selection, rendering and tokenisation")
+    method: MethodArgs = field(MethodArgs(), help="fine-tuning method and its settings")
+    train: TrainArgs = field(TrainArgs(), help="optimisation and run bookkeeping")
+    eval: EvalArgs = field(EvalArgs(), help="evaluation settings")
+
+
+# Common flags → dotted config keys (everything else: --set section.key=value).
+FLAG_KEYS = {
+    "model": "model.name", "dataset": "data.dataset", "format": "data.format", "method": "method.name",
+    "max_steps": "train.max_steps", "epochs": "train.epochs", "lr": "train.lr", "batch_size": "train.batch_size",
+    "grad_accum": "train.grad_accum", "max_length": "data.max_length", "packing": "train.packing",
+    "output_dir": "train.output_dir", "seed": "train.seed", "precision": "train.precision",
+}
+
+
+def build_config(config_path: str | None, flags: dict, overrides: list[str]) -> RunConfig:
+    """YAML file, then common flags, then ``--set`` overrides; later wins."""
+    data = load_yaml(config_path) if config_path else {}
+    from chattune.config import set_dotted
+
+    flag_data: dict = {}
+    for name, value in flags.items():
+        if value is not None:
+            set_dotted(flag_data, FLAG_KEYS[name], value)
+    data = merge(merge(data, flag_data), parse_overrides(overrides))
+    cfg = from_dict(RunConfig, data, "config")
+    cfg.method.settings()  # validate the selected method's section now, not mid-run
+    return cfg

@@ -1,0 +1,299 @@
+"""The training loop: HF Accelerate underneath, so ``accelerate launch`` runs the same
+command on several processes or GPUs.
+
+Why a loop of our own rather than ``transformers.Trainer``: the loss is averaged over
+all loss-bearing tokens of the whole accumulated batch (across processes too), not as
+a mean of micro-batch means, and the micro-batch plan is computed identically on every
+process, so N processes with accumulation k take exactly the steps of 1 process with
+accumulation N*k. Checkpoints are atomic and carry the exact data position.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from chattune import checkpoint as ckpt
+from chattune.config import save_yaml, to_dict
+from chattune.data import batch_plan, collate, prepare
+from chattune.errors import UserError
+from chattune.evaluate import loss_on_samples
+from chattune.loss import token_loss_sum
+from chattune.methods import count_parameters, get_method
+from chattune.models import load_model, load_tokenizer
+from chattune.settings import RunConfig
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bfloat16 autocast where the hardware has it: recent CPUs (AMX/AVX512-BF16) and
+    Ampere+ GPUs. On this project's 2-core CPU bf16 matmuls are ~2.7x fp32 (benchmarks/)."""
+    if precision == "fp32":
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16
+
+
+def build_model(cfg: RunConfig, tokenizer):
+    method = get_method(cfg.method.name)
+    model = load_model(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code,
+                       attn_implementation=cfg.model.attn_implementation)
+    model = method.apply(model, cfg.method.settings(), tokenizer)
+    return model, method
+
+
+def resolve_packing(cfg: RunConfig, method) -> bool:
+    if cfg.train.packing is None:
+        return method.supports_packing
+    if cfg.train.packing and not method.supports_packing:
+        raise UserError(f"--packing is not supported with method '{method.name}': its virtual tokens would "
+                        f"attend across packed conversations; drop --packing")
+    return cfg.train.packing
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+@dataclass
+class Plan:
+    """Optimiser steps as groups of micro-batches; identical on every process."""
+
+    samples: list
+    batch_size: int
+    packing: bool
+    max_length: int
+    seed: int
+    group: int  # micro-batches per optimiser step over all processes
+
+    def epoch(self, epoch: int) -> list[list[list[int]]]:
+        lengths = [len(s["input_ids"]) for s in self.samples]
+        mbs = batch_plan(lengths, self.batch_size, packing=self.packing, max_length=self.max_length,
+                         seed=self.seed, epoch=epoch)
+        return [mbs[i:i + self.group] for i in range(0, len(mbs), self.group)]
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, run_dir: Path, resume: bool = False):
+        self.cfg, self.run_dir, self.resume = cfg, run_dir, resume
+        self.acc = Accelerator(cpu=not torch.cuda.is_available())
+        set_seed(cfg.train.seed)
+        self.tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
+        self.data = prepare(cfg.data, self.tokenizer)
+        if not self.data.splits["train"]:
+            raise UserError("no training samples left after selection; see `chattune data` for the drop reasons")
+        model, self.method = build_model(cfg, self.tokenizer)
+        self.packing = resolve_packing(cfg, self.method)
+        self.trainable, self.total = count_parameters(model)
+        self.dtype = autocast_dtype(cfg.train.precision, self.acc.device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.model = self.acc.prepare(model)
+        self.plan = Plan(self.data.splits["train"], cfg.train.batch_size, self.packing, cfg.data.max_length,
+                         cfg.train.seed, self.acc.num_processes * cfg.train.grad_accum)
+        self.steps_per_epoch = len(self.plan.epoch(0))
+        t = cfg.train
+        self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * self.steps_per_epoch))
+        self.scheduler = get_cosine_schedule_with_warmup(
+            self.optimizer, int(t.warmup_ratio * self.total_steps), self.total_steps)
+        self.state = {"step": 0, "best_val": None, "bad_evals": 0, "tokens": 0, "loss_tokens": 0, "train_s": 0.0}
+
+    # -- bookkeeping ---------------------------------------------------------------
+    def log(self, record: dict) -> None:
+        if self.acc.is_main_process:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if self.tb is not None:
+                for k, v in record.items():
+                    if k != "step" and isinstance(v, (int, float)):
+                        self.tb.add_scalar(k, v, record["step"])
+
+    def save(self) -> None:
+        if self.acc.is_main_process:
+            unwrapped = self.acc.unwrap_model(self.model)
+            ckpt.atomic_dir(self.run_dir / "adapter", lambda d: self.method.save(unwrapped, d))
+            ckpt.save_checkpoint(self.run_dir, unwrapped, self.optimizer, self.scheduler, self.state)
+        self.acc.wait_for_everyone()
+
+    def start(self) -> None:
+        self.tb = None
+        if self.acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_yaml(self.cfg, self.run_dir / "config.yaml")
+            self.tokenizer.save_pretrained(self.run_dir / "tokenizer")
+            info = {"method": self.method.name, "trainable_params": self.trainable, "total_params": self.total,
+                    "trainable_share": self.trainable / self.total, "packing": self.packing,
+                    "precision": str(self.dtype).replace("torch.", "") if self.dtype else "float32",
+                    "processes": self.acc.num_processes, "total_steps": self.total_steps,
+                    "data": self.data.stats()}
+            (self.run_dir / "run_info.json").write_text(json.dumps(info, indent=1))
+            print(f"{self.method.name}: {self.trainable:,} trainable parameters of {self.total:,} "
+                  f"({100 * self.trainable / self.total:.3f}%)", flush=True)
+            if self.cfg.train.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(self.run_dir / "tb")
+        if self.resume:
+            found = ckpt.find_checkpoint(self.run_dir)
+            if found is None:
+                raise UserError(f"{self.run_dir} has no checkpoint to resume from")
+            self.state = ckpt.load_checkpoint(found, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler)
+
+    # -- one optimiser step ---------------------------------------------------------
+    def step(self, group: list[list[int]]) -> tuple[float, int, int]:
+        """Forward/backward over this process's share of ``group``, then one AdamW step."""
+        samples = self.plan.samples
+        mask_dtype = self.dtype or torch.float32  # sdpa wants the additive mask in the compute dtype
+        batches = [collate([samples[i] for i in mb], self.tokenizer.pad_token_id, packing=self.packing, bins=mb.bins,
+                           mask_dtype=mask_dtype) for mb in group]
+        # Normaliser: loss tokens of the whole accumulated batch over all processes, which
+        # every process knows from the shared plan: no all-reduce needed.
+        n_group = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        rank, world = self.acc.process_index, self.acc.num_processes
+        mine = batches[rank::world]
+        # conversation tokens, padding excluded, counted once (on this process's share)
+        tokens = sum(len(samples[i]["input_ids"]) for mb in group[rank::world] for i in mb) if mine else 0
+        scale = world / n_group  # DDP averages gradients over processes; undo that
+        if not mine:  # a short final group: keep DDP's collective in step with a zero-loss pass
+            mine, scale = batches[:1], 0.0
+        loss_sum = 0.0
+        self.model.train()
+        for i, batch in enumerate(mine):
+            batch = {k: v.to(self.acc.device) for k, v in batch.items()}
+            sync = self.acc.no_sync(self.model) if i < len(mine) - 1 else _null()
+            with sync, torch.autocast(self.acc.device.type, dtype=self.dtype or torch.float32,
+                                      enabled=self.dtype is not None):
+                loss, _ = token_loss_sum(self.model, batch)
+                self.acc.backward(loss * scale)
+            loss_sum += float(loss.detach()) if scale else 0.0
+        stats = torch.tensor([loss_sum, tokens], dtype=torch.float64, device=self.acc.device)
+        stats = self.acc.reduce(stats, reduction="sum")
+        if not math.isfinite(float(stats[0])):
+            raise UserError(f"loss became {float(stats[0])} at step {self.state['step'] + 1}; stopped. The last good "
+                            f"checkpoint is in {self.run_dir / 'checkpoint'} (resume with a lower --lr)")
+        if self.cfg.train.max_grad_norm > 0:
+            grad_norm = float(self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.train.max_grad_norm))
+        else:
+            grad_norm = float("nan")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.last_grad_norm = grad_norm
+        return float(stats[0]) / n_group, int(stats[1]), n_group
+
+    # -- evaluation -------------------------------------------------------------------
+    def validate(self) -> float | None:
+        val = self.data.splits["validation"][: self.cfg.train.max_eval_samples]
+        if not val:
+            return None
+        result = None
+        if self.acc.is_main_process:
+            result = loss_on_samples(self.acc.unwrap_model(self.model), val, self.tokenizer.pad_token_id,
+                                     self.cfg.eval.batch_size, self.acc.device, self.dtype)["loss"]
+        self.acc.wait_for_everyone()
+        value = torch.tensor([result or 0.0], device=self.acc.device)
+        return float(self.acc.reduce(value, reduction="sum"))
+
+    # -- the loop ------------------------------------------------------------------------
+    def run(self) -> dict:
+        self.start()
+        t = self.cfg.train
+        step = self.state["step"]
+        bar = tqdm(total=self.total_steps, initial=step, disable=not self.acc.is_main_process, desc="train",
+                   dynamic_ncols=True)
+        window = {"loss": 0.0, "n": 0, "tokens": 0, "t0": time.perf_counter()}
+        epoch_cache: dict[int, list] = {}
+        last_loss, stopped_early = None, False
+        while step < self.total_steps:
+            epoch, pos = divmod(step, self.steps_per_epoch)
+            if epoch not in epoch_cache:
+                epoch_cache = {epoch: self.plan.epoch(epoch)}
+            t0 = time.perf_counter()
+            loss, tokens, loss_tokens = self.step(epoch_cache[epoch][pos])
+            self.state["train_s"] += time.perf_counter() - t0
+            step += 1
+            self.state["step"] = step
+            self.state["tokens"] += tokens
+            self.state["loss_tokens"] += loss_tokens
+            window["loss"] += loss * loss_tokens
+            window["n"] += loss_tokens
+            window["tokens"] += tokens
+            last_loss = loss
+            elapsed = time.perf_counter() - window["t0"]
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{window['tokens'] / max(elapsed, 1e-9):.0f}")
+            if step % t.log_every == 0 or step == self.total_steps:
+                self.log({"step": step, "epoch": round(step / self.steps_per_epoch, 4),
+                          "loss": window["loss"] / max(window["n"], 1), "lr": self.scheduler.get_last_lr()[0],
+                          "grad_norm": self.last_grad_norm, "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
+                          "tokens": self.state["tokens"], "loss_tokens": self.state["loss_tokens"]})
+                window = {"loss": 0.0, "n": 0, "tokens": 0, "t0": time.perf_counter()}
+            if (t.eval_every and step % t.eval_every == 0) or step == self.total_steps:
+                stopped_early = self.evaluate_and_maybe_stop(step)
+            if step % t.save_every == 0 or step == self.total_steps or stopped_early:
+                self.save()
+            if stopped_early:
+                break
+        bar.close()
+        return self.finish(last_loss, stopped_early)
+
+    def evaluate_and_maybe_stop(self, step: int) -> bool:
+        val = self.validate()
+        if val is None:
+            return False
+        self.log({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50))})
+        best = self.state["best_val"]
+        if best is None or val < best:
+            self.state["best_val"], self.state["bad_evals"] = val, 0
+        else:
+            self.state["bad_evals"] += 1
+        patience = self.cfg.train.early_stopping_patience
+        return bool(patience) and self.state["bad_evals"] >= patience
+
+    def finish(self, last_loss: float | None, stopped_early: bool) -> dict:
+        summary = {"steps": self.state["step"], "final_train_loss": last_loss, "best_val_loss": self.state["best_val"],
+                   "train_seconds": self.state["train_s"], "tokens": self.state["tokens"],
+                   "loss_tokens": self.state["loss_tokens"],
+                   "tokens_per_s": self.state["tokens"] / max(self.state["train_s"], 1e-9),
+                   "peak_memory_mb": peak_memory_mb(self.acc.device), "stopped_early": stopped_early,
+                   "trainable_params": self.trainable, "total_params": self.total}
+        if self.acc.is_main_process:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        self.acc.end_training()
+        return summary
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def train(cfg: RunConfig, resume: bool = False) -> dict:
+    """Train one run into ``cfg.train.output_dir``; returns the summary written there."""
+    return Trainer(cfg, Path(cfg.train.output_dir), resume=resume).run()
+
+
+def config_of(run_dir: Path) -> dict:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a chattune run directory (no config.yaml)")
+    from chattune.config import load_yaml
+
+    return load_yaml(path)
+
+
+__all__ = ["train", "build_model", "autocast_dtype", "to_dict"]
