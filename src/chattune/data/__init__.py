@@ -1,0 +1,21 @@
+"""The data pipeline: load -> select -> render to (ids, labels) -> batch or pack.
+
+Pure functions over plain rows; see the modules for each step.
+"""
+
+from chattune.data.batching import MicroBatch, batch_plan, collate
+from chattune.data.config import DataConfig
+from chattune.data.render import (
+    IGNORE_INDEX,
+    PreparedData,
+    prepare,
+    render_prompt_ids,
+    stop_strings,
+    tokenize_conversation,
+)
+from chattune.data.select import ConversationSet, load_conversations
+
+__all__ = [
+    "IGNORE_INDEX", "ConversationSet", "DataConfig", "MicroBatch", "PreparedData", "batch_plan", "collate",
+    "load_conversations", "prepare", "render_prompt_ids", "stop_strings", "tokenize_conversation",
+]
