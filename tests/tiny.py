@@ -38,11 +38,12 @@ def make_model(arch: str, vocab_size: int, seed: int = 0):
     torch.manual_seed(seed)
     if arch == "gpt2":
         cfg = GPT2Config(vocab_size=vocab_size, n_positions=512, n_embd=64, n_layer=2, n_head=4,
-                         eos_token_id=0, bos_token_id=0, pad_token_id=0)
+                         eos_token_id=0, bos_token_id=0, pad_token_id=0, initializer_range=0.2)
         return GPT2LMHeadModel(cfg)
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      eos_token_id=0, bos_token_id=0, pad_token_id=0, tie_word_embeddings=False)
+                      eos_token_id=0, bos_token_id=0, pad_token_id=0, tie_word_embeddings=False,
+                      initializer_range=0.2)
     return LlamaForCausalLM(cfg)
 
 

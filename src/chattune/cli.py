@@ -58,7 +58,10 @@ def cmd_train(args) -> int:
     else:
         cfg = build_config(args.config, _flags(args), args.set)
     summary = train(cfg, resume=bool(args.resume))
-    print(json.dumps(summary) if args.json else _format_summary(summary, cfg.train.output_dir))
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(json.dumps(summary) if args.json else _format_summary(summary, cfg.train.output_dir))
     return 0
 
 

@@ -129,6 +129,10 @@ class Trainer:
 
     def start(self) -> None:
         self.tb = None
+        if not self.resume and (self.run_dir / "config.yaml").exists():
+            raise UserError(f"{self.run_dir} already holds a run: continue it with --resume {self.run_dir} "
+                            f"or pick another --output-dir")
+        self.acc.wait_for_everyone()  # every process has checked before the main one writes
         if self.acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_yaml(self.cfg, self.run_dir / "config.yaml")
@@ -208,10 +212,18 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------
     def run(self) -> dict:
         self.start()
-        t = self.cfg.train
         step = self.state["step"]
         bar = tqdm(total=self.total_steps, initial=step, disable=not self.acc.is_main_process, desc="train",
                    dynamic_ncols=True)
+        last_loss, stopped_early = None, False
+        try:
+            last_loss, stopped_early = self._loop(bar, step)
+        finally:
+            bar.close()  # before any error message, so it starts on its own line
+        return self.finish(last_loss, stopped_early)
+
+    def _loop(self, bar, step: int) -> tuple[float | None, bool]:
+        t = self.cfg.train
         window = {"loss": 0.0, "n": 0, "tokens": 0, "t0": time.perf_counter()}
         epoch_cache: dict[int, list] = {}
         last_loss, stopped_early = None, False
@@ -245,8 +257,7 @@ class Trainer:
                 self.save()
             if stopped_early:
                 break
-        bar.close()
-        return self.finish(last_loss, stopped_early)
+        return last_loss, stopped_early
 
     def evaluate_and_maybe_stop(self, step: int) -> bool:
         val = self.validate()
