@@ -1,0 +1,153 @@
+"""Rendering and labels: seed and chat templates, EOS learning, truncation, injected markers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from chattune.data import (
+    IGNORE_INDEX,
+    DataConfig,
+    collate,
+    prepare,
+    render_prompt_ids,
+    stop_strings,
+    tokenize_conversation,
+)
+from chattune.errors import UserError
+
+CONV = [{"role": "user", "content": "What is Python?"}, {"role": "assistant", "content": "A programming language."},
+        {"role": "user", "content": "Who made it?"}, {"role": "assistant", "content": "Guido van Rossum."}]
+
+
+def decode(tok, ids):
+    return tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def loss_text(tok, ids, labels):
+    return decode(tok, [i for i, label in zip(ids, labels) if label != IGNORE_INDEX])
+
+
+def test_seed_template_text_and_labels(tiny_tokenizer):
+    ids, labels = tokenize_conversation(CONV, tiny_tokenizer, DataConfig())
+    assert decode(tiny_tokenizer, ids) == ("### Human:\nWhat is Python?\n\n### Assistant:\nA programming language."
+                                           "<|endoftext|>### Human:\nWho made it?\n\n### Assistant:\n"
+                                           "Guido van Rossum.<|endoftext|>")
+    assert loss_text(tiny_tokenizer, ids, labels) == "A programming language.<|endoftext|>Guido van Rossum.<|endoftext|>"
+    assert all(label in (IGNORE_INDEX, i) for i, label in zip(ids, labels))
+    assert labels[0] == IGNORE_INDEX and len(ids) == len(labels)
+
+
+def test_eos_is_learned_when_pad_is_eos(tiny_tokenizer):
+    eos = tiny_tokenizer.eos_token_id
+    assert tiny_tokenizer.pad_token_id == eos  # the seed's situation
+    short = tokenize_conversation(CONV[:2], tiny_tokenizer, DataConfig())
+    long = tokenize_conversation(CONV, tiny_tokenizer, DataConfig())
+    batch = collate([dict(input_ids=i, labels=l) for i, l in (short, long)], eos, packing=False)
+    # every answer keeps its EOS label; the padding (also eos ids) has none
+    assert (batch["labels"] == eos).sum(dim=1).tolist() == [1, 2]
+    assert (batch["input_ids"][0] == eos).sum() > 1
+
+
+def test_train_on_prompt(tiny_tokenizer):
+    ids, labels = tokenize_conversation(CONV, tiny_tokenizer, DataConfig(train_on_prompt=True))
+    assert labels[0] == IGNORE_INDEX and labels[1:] == ids[1:]
+
+
+def test_truncation_keeps_whole_turns(tiny_tokenizer):
+    full, _ = tokenize_conversation(CONV, tiny_tokenizer, DataConfig())
+    first, _ = tokenize_conversation(CONV[:2], tiny_tokenizer, DataConfig())
+    ids, labels = tokenize_conversation(CONV, tiny_tokenizer, DataConfig(max_length=len(full) - 1))
+    assert ids == first and ids[-1] == tiny_tokenizer.eos_token_id
+
+
+def test_truncation_cuts_only_a_too_long_first_answer(tiny_tokenizer):
+    prompt = render_prompt_ids(CONV[:1], tiny_tokenizer, "seed")
+    ids, labels = tokenize_conversation(CONV, tiny_tokenizer, DataConfig(max_length=len(prompt) + 2))
+    assert len(ids) == len(prompt) + 2 and ids[:len(prompt)] == prompt
+    assert labels[-2:] == ids[-2:] and tiny_tokenizer.eos_token_id not in ids
+    assert tokenize_conversation(CONV, tiny_tokenizer, DataConfig(max_length=len(prompt))) is None
+
+
+def test_prepare_counts_samples_without_loss_tokens(tiny_tokenizer):
+    data = prepare(DataConfig(max_length=12), tiny_tokenizer)
+    c = data.conversations
+    kept = sum(len(split) for split in data.splits.values())
+    assert kept + data.token_dropped["no_loss_tokens_after_truncation"] == len(c.samples)
+    assert data.token_dropped["no_loss_tokens_after_truncation"] > 0
+
+
+def test_prepare_stats(tiny_tokenizer):
+    data = prepare(DataConfig(), tiny_tokenizer)
+    stats = data.stats()
+    assert set(stats) == {"train", "validation", "test"}
+    for name, s in stats.items():
+        samples = data.splits[name]
+        assert s["samples"] == len(samples)
+        assert s["tokens"] == sum(len(x["input_ids"]) for x in samples)
+        assert 0 < s["loss_tokens"] < s["tokens"] and s["p95_length"] >= s["median_length"]
+        assert all(x["labels"][0] == IGNORE_INDEX for x in samples)
+
+
+def injected(fixtures):
+    row = next(json.loads(line) for line in (fixtures / "arena_rows.jsonl").read_text().splitlines()
+               if '"r17"' in line)
+    return row["conversation_a"]
+
+
+def test_seed_markers_in_text_cannot_fake_a_turn(fixtures, tiny_tokenizer):
+    conv = injected(fixtures)
+    assert "### Assistant:" in conv[0]["content"] and "<|endoftext|>" in conv[0]["content"]
+    ids, labels = tokenize_conversation(conv, tiny_tokenizer, DataConfig())
+    text = decode(tiny_tokenizer, ids)
+    assert text.count("### Human:") == 1 and text.count("### Assistant:") == 1
+    # the typed "<|endoftext|>" and "<|im_start|>" are plain text, not control tokens
+    assert ids.count(tiny_tokenizer.eos_token_id) == 1 and ids[-1] == tiny_tokenizer.eos_token_id
+    assert tiny_tokenizer.convert_tokens_to_ids("<|im_start|>") not in ids
+    assert "I am root now." in text  # the text itself stays readable
+
+
+def test_chat_template_labels_and_injection(fixtures, tiny_tokenizer):
+    cfg = DataConfig(template="chat")
+    ids, labels = tokenize_conversation(CONV, tiny_tokenizer, cfg)
+    assert decode(tiny_tokenizer, ids) == tiny_tokenizer.apply_chat_template(CONV, tokenize=False)
+    assert loss_text(tiny_tokenizer, ids, labels) == "A programming language.<|im_end|>\nGuido van Rossum.<|im_end|>\n"
+    conv = injected(fixtures)
+    ids, _ = tokenize_conversation(conv, tiny_tokenizer, cfg)
+    start, end = (tiny_tokenizer.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>"))
+    assert ids.count(start) == 2 and ids.count(end) == 2  # one per real message
+    assert tiny_tokenizer.eos_token_id not in ids
+
+
+@pytest.mark.parametrize("template", ["seed", "chat"])
+def test_generation_prompt_is_the_training_prefix(tiny_tokenizer, template):
+    cfg = DataConfig(template=template)
+    ids, labels = tokenize_conversation(CONV, tiny_tokenizer, cfg)
+    for upto in (1, 3):
+        prompt = render_prompt_ids(CONV[:upto], tiny_tokenizer, template)
+        assert ids[:len(prompt)] == prompt
+        assert labels[len(prompt) - 1] == IGNORE_INDEX and labels[len(prompt)] != IGNORE_INDEX
+    with pytest.raises(ValueError):
+        render_prompt_ids(CONV, tiny_tokenizer, template)
+
+
+def test_bos_added_once_when_the_tokenizer_uses_one(bos_tokenizer):
+    ids, labels = tokenize_conversation(CONV, bos_tokenizer, DataConfig())
+    assert ids[0] == bos_tokenizer.bos_token_id and ids.count(bos_tokenizer.bos_token_id) == 1
+    assert ids.count(bos_tokenizer.eos_token_id) == 2
+    assert render_prompt_ids(CONV[:1], bos_tokenizer, "seed")[0] == bos_tokenizer.bos_token_id
+
+
+def test_chat_template_problems_are_user_errors(bos_tokenizer, tiny_tokenizer):
+    with pytest.raises(UserError, match="no chat template"):
+        tokenize_conversation(CONV, bos_tokenizer, DataConfig(template="chat"))
+    tok = tiny_tokenizer.__class__(tokenizer_object=tiny_tokenizer.backend_tokenizer, eos_token="<|endoftext|>")
+    tok.chat_template = "{{ messages | length }} messages: {% for m in messages %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(UserError, match="earlier turns differently"):
+        tokenize_conversation(CONV, tok, DataConfig(template="chat"))
+
+
+def test_stop_strings():
+    assert stop_strings("seed") == ["### Human:", "### Assistant:"]
+    assert stop_strings("chat") == []
