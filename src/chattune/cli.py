@@ -24,6 +24,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", help="row format: auto|arena|messages|sharegpt|alpaca|prompt-answers")
     p.add_argument("--method", help="lora|adapter|prompt|prefix|ia3|dora|full")
     p.add_argument("--max-steps", type=int, help="optimiser steps (overrides --epochs)")
+    p.add_argument("--max-tokens", type=int, help="token budget: train until this many conversation tokens were seen")
     p.add_argument("--epochs", type=float, help="passes over the training split (default 1)")
     p.add_argument("--lr", type=float, help="peak learning rate (default 2e-4)")
     p.add_argument("--batch-size", type=int, help="micro-batch size per process (default 8)")

@@ -50,6 +50,8 @@ class MethodArgs:
 class TrainArgs:
     output_dir: str = field("runs/run", help="run directory: config, adapter, tokenizer, metrics, checkpoint")
     max_steps: int | None = field(None, help="optimiser steps; overrides epochs when set")
+    max_tokens: int | None = field(None, help="train until this many conversation tokens were seen (same budget "
+                                   "for methods that pack and methods that cannot); overrides max_steps and epochs")
     epochs: float = field(1.0, help="passes over the training split")
     lr: float = field(2e-4, help="peak learning rate (AdamW)")
     weight_decay: float = field(0.0, help="AdamW weight decay")
@@ -73,6 +75,8 @@ class TrainArgs:
                 raise UserError(f"train.{name} must be >= 1")
         if self.max_steps is not None and self.max_steps < 1:
             raise UserError("train.max_steps must be >= 1")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise UserError("train.max_tokens must be >= 1")
         if self.lr <= 0 or self.epochs <= 0:
             raise UserError("train.lr and train.epochs must be positive")
 
@@ -98,7 +102,7 @@ class RunConfig:
 # Common flags → dotted config keys (everything else: --set section.key=value).
 FLAG_KEYS = {
     "model": "model.name", "dataset": "data.dataset", "format": "data.format", "method": "method.name",
-    "max_steps": "train.max_steps", "epochs": "train.epochs", "lr": "train.lr", "batch_size": "train.batch_size",
+    "max_steps": "train.max_steps", "max_tokens": "train.max_tokens", "epochs": "train.epochs", "lr": "train.lr", "batch_size": "train.batch_size",
     "grad_accum": "train.grad_accum", "max_length": "data.max_length", "packing": "train.packing",
     "output_dir": "train.output_dir", "seed": "train.seed", "precision": "train.precision",
 }

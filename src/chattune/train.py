@@ -105,10 +105,23 @@ class Trainer:
                          cfg.train.seed, self.acc.num_processes * cfg.train.grad_accum)
         self.steps_per_epoch = len(self.plan.epoch(0))
         t = cfg.train
-        self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * self.steps_per_epoch))
+        self.total_steps = (self.steps_for_tokens(t.max_tokens) if t.max_tokens else
+                            t.max_steps or max(1, math.ceil(t.epochs * self.steps_per_epoch)))
         self.scheduler = get_cosine_schedule_with_warmup(
             self.optimizer, int(t.warmup_ratio * self.total_steps), self.total_steps)
         self.state = {"step": 0, "best_val": None, "bad_evals": 0, "tokens": 0, "loss_tokens": 0, "train_s": 0.0}
+
+    def steps_for_tokens(self, budget: int) -> int:
+        """Optimiser steps until ``budget`` conversation tokens have been seen."""
+        seen, steps, epoch = 0, 0, 0
+        lengths = [len(s["input_ids"]) for s in self.plan.samples]
+        while True:
+            for group in self.plan.epoch(epoch):
+                seen += sum(lengths[i] for mb in group for i in mb)
+                steps += 1
+                if seen >= budget:
+                    return steps
+            epoch += 1
 
     # -- bookkeeping ---------------------------------------------------------------
     def log(self, record: dict) -> None:
