@@ -67,7 +67,8 @@ def test_truncation_cuts_only_a_too_long_first_answer(tiny_tokenizer):
     ids, labels = tokenize_conversation(CONV, tiny_tokenizer, DataConfig(max_length=len(prompt) + 2))
     assert len(ids) == len(prompt) + 2 and ids[:len(prompt)] == prompt
     assert labels[-2:] == ids[-2:] and tiny_tokenizer.eos_token_id not in ids
-    assert tokenize_conversation(CONV, tiny_tokenizer, DataConfig(max_length=len(prompt))) is None
+    for max_length in (len(prompt), len(prompt) - 3):
+        assert tokenize_conversation(CONV, tiny_tokenizer, DataConfig(max_length=max_length)) is None
 
 
 def test_prepare_counts_samples_without_loss_tokens(tiny_tokenizer):
@@ -76,6 +77,7 @@ def test_prepare_counts_samples_without_loss_tokens(tiny_tokenizer):
     kept = sum(len(split) for split in data.splits.values())
     assert kept + data.token_dropped["no_loss_tokens_after_truncation"] == len(c.samples)
     assert data.token_dropped["no_loss_tokens_after_truncation"] > 0
+    assert all(len(x["input_ids"]) <= 12 for split in data.splits.values() for x in split)
 
 
 def test_prepare_stats(tiny_tokenizer):

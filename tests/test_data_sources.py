@@ -134,3 +134,22 @@ def test_hub_rows_are_read_as_arena(monkeypatch, fixtures):
     monkeypatch.setattr(datasets, "load_dataset", lambda name, split: rows)
     c = load("lmsys/chatbot_arena_conversations")
     assert (c.format, c.rows_read, c.rows_kept, dict(c.dropped)) == ("arena", 4, 3, {"tie_bothbad": 1})
+
+
+ODD = [("winner", ["model_a"]), ("winner", 3), ("language", 7), ("conversation_a", {"role": "user"}),
+       ("conversation_a", [["user", "hi"]]), ("conversation_a", [{"role": None, "content": "hi"}]),
+       ("conversation_a", [{"role": "user", "content": ["hi"]}]), ("toxic_chat_tag", ["flagged"]),
+       ("toxic_chat_tag", {"t5-large": {"flagged": "yes"}}), ("openai_moderation", "flagged"),
+       ("conversation_a", "user: hi")]
+
+
+@pytest.mark.parametrize("key, value", ODD)
+def test_odd_values_are_counted_never_raised(fixtures, tmp_path, key, value):
+    row = json.loads((fixtures / "arena_rows.jsonl").read_text().splitlines()[0])
+    row[key] = value
+    (tmp_path / "odd.jsonl").write_text(json.dumps(row) + "\n")
+    c = load(tmp_path / "odd.jsonl")
+    assert (c.rows_read, c.rows_kept) == (1, 0) and accounted(c)
+    assert set(c.dropped) <= {"wrong_type", "unknown_winner", "missing_field", "unknown_role"}
+    with pytest.raises(UserError, match=r"odd\.jsonl:1: "):
+        load(tmp_path / "odd.jsonl", strict=True)

@@ -8,8 +8,10 @@ Mask convention, read from transformers 5.24 ``masking_utils``: a 4D ``attention
 is passed to the attention kernel as-is. sdpa accepts a boolean or an additive float
 mask, eager only an additive float mask (a boolean one is silently *added* as 0/1). So the
 mask is float, 0 where a query may attend and the dtype's minimum where it may not, shape
-(B, 1, T, T). Relying on position ids alone is not enough: transformers only derives the
-packed mask from them when no cache is built, and ``use_cache`` defaults to True.
+(B, 1, T, T), in the dtype of the model's weights: float32 for float32 weights, autocast
+included (on an H100, sdpa with bfloat16 weights and a float32 mask gave NaN or losses off
+by 0.1). Relying on position ids alone is not enough: transformers only derives the packed
+mask from them when no cache is built, and ``use_cache`` defaults to True.
 """
 
 from __future__ import annotations
@@ -117,7 +119,7 @@ def collate(samples: list[dict], pad_id: int, *, packing: bool, bins: list[list[
         pad_id: token id written into padding (its label is always ``IGNORE_INDEX``).
         packing: pack the samples into rows as ``bins`` says.
         bins: with packing, positions into ``samples`` per row (``MicroBatch.bins``).
-        mask_dtype: dtype of the additive 4D mask when packing.
+        mask_dtype: dtype of the additive 4D mask when packing: the model weights' dtype.
 
     Returns:
         Not packing: ``input_ids``, ``attention_mask`` (B, T) and ``labels``. Packing:

@@ -92,9 +92,10 @@ def _tokenize(messages: list[dict], tokenizer, cfg: DataConfig) -> tuple[list[in
             truncated = True
             if k > 0:
                 break  # keep whole turns: drop this one and every later one
-            answer = answer[: cfg.max_length - len(prompt)]  # the first pair alone is too long: cut its answer
-            if not answer:
+            room = cfg.max_length - len(prompt)  # the first pair alone is too long: cut its answer
+            if room <= 0:
                 return None
+            answer = answer[:room]
         ids += prompt + answer
         labels += (prompt if cfg.train_on_prompt else [IGNORE_INDEX] * len(prompt)) + answer
         if truncated:

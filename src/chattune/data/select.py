@@ -113,7 +113,7 @@ def _used_sides(row: Row, cfg: DataConfig) -> list:
         return ["a", "b"] if cfg.side == "both" else [cfg.side]
     if row.winner is None:
         raise BadRow("missing_field", "no 'winner' (needed by --side winner)")
-    if row.winner not in WINNER_SIDES:
+    if not isinstance(row.winner, str) or row.winner not in WINNER_SIDES:
         raise BadRow("unknown_winner", f"winner {row.winner!r}")
     if not WINNER_SIDES[row.winner]:
         raise Drop("tie_bothbad")
