@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="offline demo: LoRA on the built-in model and sample, base vs tuned")
     p.add_argument("--output-dir", default="runs/demo")
-    p.add_argument("--max-steps", type=int, default=60)
+    p.add_argument("--max-steps", type=int, default=20)
     p.set_defaults(func=cmd_demo)
 
     try:

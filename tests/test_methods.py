@@ -1,0 +1,171 @@
+"""Every method in the registry x {tiny GPT-2, tiny Llama}: identity at step 0, learning,
+save/load, cached generation, parameter formulas, export."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from chattune.cli import main
+from chattune.data import DataConfig, batch_plan, collate, prepare
+from chattune.generate import generate_ids
+from chattune.loss import token_loss_sum
+from chattune.methods import all_methods, count_parameters, get_method
+from chattune.methods.adapter import AdapterConfig, trainable_param_formula
+from tiny import make_model, make_tokenizer, tiny_dirs  # noqa: F401  (fixture)
+
+METHODS = ["lora", "dora", "ia3", "adapter", "prompt", "prefix", "full"]
+ARCHS = ["gpt2", "llama"]
+IDENTITY = {"lora": 0.0, "ia3": 0.0, "adapter": 0.0, "dora": 1e-5}  # DoRA re-normalises: float rounding only
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def batch(tokenizer):
+    data = prepare(DataConfig(max_length=128), tokenizer)
+    samples = data.splits["train"][:8]
+    return collate(samples, tokenizer.pad_token_id, packing=False)
+
+
+def fresh(method: str, arch: str, tokenizer, **settings):
+    m = get_method(method)
+    base = make_model(arch, len(tokenizer)).eval()
+    ref = copy.deepcopy(base)
+    return m, m.apply(base, m.config_cls(**settings), tokenizer), ref
+
+
+def test_registry_is_complete():
+    assert set(all_methods()) == set(METHODS)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", list(IDENTITY))
+def test_identity_at_step_zero(method, arch, tokenizer, batch):
+    _, model, ref = fresh(method, arch, tokenizer)
+    model.eval()
+    with torch.no_grad():
+        got = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        want = ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=IDENTITY[method])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", METHODS)
+def test_loss_falls_over_30_steps(method, arch, tokenizer, batch):
+    torch.manual_seed(0)
+    _, model, _ = fresh(method, arch, tokenizer)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2 if method != "full" else 1e-3)
+    losses = []
+    for _ in range(30):
+        loss, n = token_loss_sum(model, batch)
+        (loss / n).backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss) / n)
+    assert losses[-1] < losses[0] - 0.05, losses
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", METHODS)
+def test_save_load_round_trip_and_cached_generation(method, arch, tokenizer, batch, tmp_path):
+    m, model, ref = fresh(method, arch, tokenizer)
+    torch.manual_seed(1)
+    with torch.no_grad():  # move off the identity so the round trip is not trivially true
+        for p in model.parameters():
+            if p.requires_grad and method != "full":
+                p.add_(torch.randn_like(p) * 0.1)
+    model.eval()
+    m.save(model, tmp_path)
+    loaded = m.load(copy.deepcopy(ref), tmp_path).eval()
+    x = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        assert torch.equal(model(**x).logits, loaded(**x).logits)
+    # greedy decoding with the KV cache == greedy argmax of full forwards without it
+    prompt = batch["input_ids"][0, :12].tolist()
+    cached, _ = generate_ids(loaded, prompt, max_new_tokens=8, eos_id=-1, device=torch.device("cpu"))
+    seq, reference = list(prompt), []
+    with torch.no_grad():
+        for _ in range(8):
+            ids = torch.tensor([seq])
+            token = int(loaded(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1].argmax())
+            reference.append(token)
+            seq.append(token)
+    assert cached == reference
+
+
+def expected_trainable(method: str, cfg, settings) -> int:
+    """Closed-form trainable parameter counts for the default settings."""
+    if cfg.model_type == "gpt2":
+        c, layers, kv = cfg.n_embd, cfg.n_layer, cfg.n_embd
+        lora_mods = [(c, 3 * c)]  # fused c_attn
+        ia3 = (3 * c + 4 * c) * layers  # c_attn output scale + mlp.c_proj input scale
+    else:
+        c, layers = cfg.hidden_size, cfg.num_hidden_layers
+        kv = cfg.num_key_value_heads * (c // cfg.num_attention_heads)
+        lora_mods = [(c, c), (c, kv)]  # q_proj, v_proj
+        ia3 = (kv + kv + cfg.intermediate_size) * layers  # k, v outputs; down_proj input
+    r = 8
+    lora = layers * sum(r * (i + o) for i, o in lora_mods)
+    return {
+        "lora": lora,
+        "dora": lora + layers * sum(o for _, o in lora_mods),  # + one magnitude per output feature
+        "ia3": ia3,
+        "prompt": 20 * c,
+        "prefix": 20 * layers * 2 * kv,  # a key and a value vector per layer per virtual token
+        "adapter": trainable_param_formula(cfg, AdapterConfig()),
+    }[method]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", METHODS)
+def test_trainable_parameter_count_matches_formula(method, arch, tokenizer):
+    m, model, ref = fresh(method, arch, tokenizer)
+    trainable, total = count_parameters(model)
+    if method == "full":
+        assert trainable == total == count_parameters(ref)[1]
+    else:
+        assert trainable == expected_trainable(method, ref.config, m.config_cls())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", METHODS)
+def test_export_gives_the_runs_logits(method, arch, tiny_dirs, tmp_path, capsys):
+    from peft import PeftModel
+
+    from chattune.generate import load_run
+    from chattune.methods import adapter
+
+    run_dir, out = tmp_path / "run", tmp_path / "export"
+    assert main(["train", "--model", str(tiny_dirs[arch]), "--method", method, "--max-steps", "2", "--lr", "1e-2",
+                 "--output-dir", str(run_dir), "--max-length", "128", "--precision", "fp32"]) == 0
+    assert main(["export", str(run_dir), str(out)]) == 0
+    said = capsys.readouterr().out
+    run = load_run(run_dir)
+    x = torch.randint(1, 300, (2, 16))
+    if get_method(method).merge is not None:
+        exported = AutoModelForCausalLM.from_pretrained(out)
+        assert "merged" in said or method == "full"
+    else:
+        assert "cannot become plain weights" in said and (out / "LOAD.md").is_file()
+        base = AutoModelForCausalLM.from_pretrained(out / "base")
+        exported = adapter.load(base, out / "adapter") if method == "adapter" else PeftModel.from_pretrained(
+            base, out / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(exported.eval()(input_ids=x).logits, run.model(input_ids=x).logits,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_methods_command_lists_every_method(tiny_dirs, capsys):
+    assert main(["methods", "--model", str(tiny_dirs["llama"])]) == 0
+    out = capsys.readouterr().out
+    for name in METHODS:
+        assert f"\n{name} " in out
+    assert "3,584" in out  # LoRA r=8 on q_proj,v_proj of the tiny Llama
