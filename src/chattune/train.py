@@ -237,7 +237,7 @@ class Trainer:
 
     def _loop(self, bar, step: int) -> tuple[float | None, bool]:
         t = self.cfg.train
-        window = {"loss": 0.0, "n": 0, "tokens": 0, "t0": time.perf_counter()}
+        window = {"loss": 0.0, "n": 0, "tokens": 0, "steps": 0, "step_s": 0.0}
         epoch_cache: dict[int, list] = {}
         last_loss, stopped_early = None, False
         while step < self.total_steps:
@@ -246,7 +246,8 @@ class Trainer:
                 epoch_cache = {epoch: self.plan.epoch(epoch)}
             t0 = time.perf_counter()
             loss, tokens, loss_tokens = self.step(epoch_cache[epoch][pos])
-            self.state["train_s"] += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            self.state["train_s"] += dt
             step += 1
             self.state["step"] = step
             self.state["tokens"] += tokens
@@ -254,16 +255,18 @@ class Trainer:
             window["loss"] += loss * loss_tokens
             window["n"] += loss_tokens
             window["tokens"] += tokens
+            window["steps"] += 1
+            window["step_s"] += dt
             last_loss = loss
-            elapsed = time.perf_counter() - window["t0"]
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{window['tokens'] / max(elapsed, 1e-9):.0f}")
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{window['tokens'] / max(window['step_s'], 1e-9):.0f}")
             if step % t.log_every == 0 or step == self.total_steps:
                 self.log({"step": step, "epoch": round(step / self.steps_per_epoch, 4),
                           "loss": window["loss"] / max(window["n"], 1), "lr": self.scheduler.get_last_lr()[0],
-                          "grad_norm": self.last_grad_norm, "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
+                          "grad_norm": self.last_grad_norm, "tokens_per_s": window["tokens"] / max(window["step_s"], 1e-9),
+                          "step_seconds": window["step_s"] / window["steps"],
                           "tokens": self.state["tokens"], "loss_tokens": self.state["loss_tokens"]})
-                window = {"loss": 0.0, "n": 0, "tokens": 0, "t0": time.perf_counter()}
+                window = {"loss": 0.0, "n": 0, "tokens": 0, "steps": 0, "step_s": 0.0}
             if (t.eval_every and step % t.eval_every == 0) or step == self.total_steps:
                 stopped_early = self.evaluate_and_maybe_stop(step)
             if step % t.save_every == 0 or step == self.total_steps or stopped_early:
