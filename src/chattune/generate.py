@@ -149,9 +149,9 @@ class StopAwareStreamer(TextStreamer):
     """Prints tokens as they come, holding back any tail that may be the start of a stop
     string (e.g. ``### Human:``) so the marker itself is never shown."""
 
-    def __init__(self, tokenizer, stops: list[str], out=sys.stdout):
+    def __init__(self, tokenizer, stops: list[str], out=None):
         super().__init__(tokenizer, skip_prompt=False, skip_special_tokens=True)
-        self.stops, self.out, self.pending, self.done, self.text = stops, out, "", False, ""
+        self.stops, self.out, self.pending, self.done, self.text = stops, out or sys.stdout, "", False, ""
 
     def on_finalized_text(self, text: str, stream_end: bool = False):
         if self.done:
@@ -162,23 +162,22 @@ class StopAwareStreamer(TextStreamer):
             self.done = True
             self._emit(visible)
             return
-        hold = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
-        if stream_end:
-            hold = 0
-        self._emit(self.pending[: len(self.pending) - hold])
-        self.pending = self.pending[len(self.pending) - hold:]
+        hold = 0 if stream_end else max(
+            (k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        ready, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold:]
+        self._emit(ready)
 
     def _emit(self, text: str):
         self.text += text
         self.out.write(text)
         self.out.flush()
-        self.pending = ""
 
 
 def stream_answer(model, tokenizer, conversation: list[dict], template: str, *, device, dtype=None,
                   max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.9, top_k: int = 50,
-                  repetition_penalty: float = 1.1, out=sys.stdout) -> str:
-    """Generate one answer, streaming it to ``out``; returns the answer text."""
+                  repetition_penalty: float = 1.1, out=None) -> str:
+    """Generate one answer, streaming it to ``out`` (default stdout); returns the answer text."""
+    out = out or sys.stdout
     stops = stop_strings(template)
     streamer = StopAwareStreamer(tokenizer, stops, out)
     procs = sampling_processors(temperature, top_p, top_k, repetition_penalty)
