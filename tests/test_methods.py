@@ -169,3 +169,25 @@ def test_methods_command_lists_every_method(tiny_dirs, capsys):
     for name in METHODS:
         assert f"\n{name} " in out
     assert "3,584" in out  # LoRA r=8 on q_proj,v_proj of the tiny Llama
+
+
+def test_prompt_tuning_starts_from_the_init_text(tokenizer):
+    _, model, ref = fresh("prompt", "llama", tokenizer, num_virtual_tokens=6, init_text="Answer helpfully.")
+    ids = tokenizer("Answer helpfully.", add_special_tokens=False)["input_ids"]
+    ids = (ids * 6)[:6]
+    want = ref.get_input_embeddings()(torch.tensor(ids))
+    got = model.prompt_encoder["default"].embedding.weight
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prefix_projection_trains_and_decodes_with_the_cache(arch, tokenizer, batch):
+    _, model, _ = fresh("prefix", arch, tokenizer, num_virtual_tokens=4, prefix_projection=True, encoder_hidden_size=32)
+    trainable, _ = count_parameters(model)
+    assert trainable > 4 * 64  # the MLP's weights train, not only the prefix embedding
+    loss, n = token_loss_sum(model.train(), batch)
+    (loss / n).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+    prompt = batch["input_ids"][0, :10].tolist()
+    cached, _ = generate_ids(model, prompt, max_new_tokens=5, eos_id=-1, device=torch.device("cpu"))
+    assert len(cached) == 5

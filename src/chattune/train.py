@@ -159,13 +159,25 @@ class Trainer:
             print(f"{self.method.name}: {self.trainable:,} trainable parameters of {self.total:,} "
                   f"({100 * self.trainable / self.total:.3f}%)", flush=True)
             if self.cfg.train.tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError:
+                    raise UserError("train.tensorboard needs the tensorboard package: pip install 'chattune[tensorboard]'") from None
                 self.tb = SummaryWriter(self.run_dir / "tb")
         if self.resume:
             found = ckpt.find_checkpoint(self.run_dir)
             if found is None:
                 raise UserError(f"{self.run_dir} has no checkpoint to resume from")
             self.state = ckpt.load_checkpoint(found, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler)
+            if self.acc.is_main_process:
+                self._forget_metrics_after(self.state["step"])
+
+    def _forget_metrics_after(self, step: int) -> None:
+        """A killed run logged steps past its last checkpoint; the resumed run redoes them."""
+        path = self.run_dir / "metrics.jsonl"
+        if path.is_file():
+            lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+            path.write_text("".join(ln + "\n" for ln in lines))
 
     # -- one optimiser step ---------------------------------------------------------
     def step(self, group: list[list[int]]) -> tuple[float, int, int]:
