@@ -161,9 +161,10 @@ def test_eval_base_numbers_equal_untouched_base(tiny_dirs, tmp_path, capsys):
     (["train", "--model", "no-such-org/no-such-model", "--max-steps", "1"], "cannot load model"),
     (["train", "--dataset", "/nonexistent/file.jsonl", "--max-steps", "1"], "no such file"),
     (["train", "--set", "train.lrr=1"], "did you mean 'lr'"),
-    (["train", "--method", "prompt", "--packing", "--max-steps", "1"], "packing"),
+    (["train", "--method", "prompt", "--packing", "--max-steps", "1", "--max-length", "128"], "packing"),
     (["eval", "/tmp"], "not a finished chattune run"),
     (["train", "--method", "lroa"], "did you mean 'lora'"),
+    (["train", "--method", "prompt", "--max-length", "512", "--max-steps", "1"], "exceeds the model's 512 positions"),
 ])
 def test_user_mistakes_get_one_line_and_exit_2(argv, message, capsys, tiny_dirs, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

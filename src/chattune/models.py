@@ -134,6 +134,9 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedToke
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise _hub_error(name, e) from None
+    if not tok("Hello world", add_special_tokens=False)["input_ids"]:
+        # e.g. a GPT-2 tokenizer built with transformers 5 from vocab_file=/merges_file= is an empty BPE
+        raise UserError(f"the tokenizer of '{name}' turns text into no tokens; its vocabulary or merges are missing")
     if tok.eos_token is None:
         raise UserError(f"tokenizer of '{name}' has no EOS token; chattune needs one to teach the model to stop")
     if tok.pad_token is None:

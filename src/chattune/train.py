@@ -52,6 +52,16 @@ def build_model(cfg: RunConfig, tokenizer):
     return model, method
 
 
+def check_positions(cfg: RunConfig, model) -> None:
+    """Virtual tokens (prompt/prefix tuning) take positions too: they must fit the model."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    virtual = getattr(cfg.method.settings(), "num_virtual_tokens", 0)
+    if limit and cfg.data.max_length + virtual > limit:
+        extra = f" + {virtual} virtual tokens" if virtual else ""
+        raise UserError(f"--max-length {cfg.data.max_length}{extra} exceeds the model's {limit} positions; "
+                        f"use --max-length {limit - virtual}")
+
+
 def resolve_packing(cfg: RunConfig, method) -> bool:
     if cfg.train.packing is None:
         return method.supports_packing
@@ -95,6 +105,7 @@ class Trainer:
         if not self.data.splits["train"]:
             raise UserError("no training samples left after selection; see `chattune data` for the drop reasons")
         model, self.method = build_model(cfg, self.tokenizer)
+        check_positions(cfg, model)
         self.packing = resolve_packing(cfg, self.method)
         self.trainable, self.total = count_parameters(model)
         self.dtype = autocast_dtype(cfg.train.precision, self.acc.device)

@@ -120,6 +120,7 @@ def _tokenizer_from(name: str):
     except (OSError, ValueError, TypeError) as e:
         if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
             # bare GPT-2 BPE files without a config AutoTokenizer understands
-            return GPT2TokenizerFast(vocab_file=str(folder / "vocab.json"), merges_file=str(folder / "merges.txt"))
+            # (transformers 5 ignores vocab_file=/merges_file= here and builds an empty BPE)
+            return GPT2TokenizerFast(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"))
         raise UserError(f"cannot load a tokenizer from '{name}' ({type(e).__name__}); give a local tokenizer "
                         "directory, or a hub id while online") from None
