@@ -1,0 +1,383 @@
+"""SFT throughput on one machine: the seed recipe vs TRL vs chattune, same model, data and steps.
+
+    python benchmarks/throughput.py                  # GPT-2 124M (random weights) and smollm2-135m
+    python benchmarks/throughput.py --quick          # GPT-2 only, 3 steps: about 3 minutes
+    python benchmarks/throughput.py --gpu            # on CUDA, when there is one
+
+Three systems, each in its own process (so each has its own peak RSS), train LoRA (r=8,
+alpha=16, dropout 0.05, the model's default targets) for the same number of optimiser steps
+on the same conversations (first user->assistant pair, seed text format):
+
+  (a) seed      HF Trainer + DataCollatorForLanguageModeling, every text padded to 512, batch 4
+  (b) trl       TRL SFTTrainer + PEFT, BFD packing (padding-free), completion-only loss, bf16
+  (c) chattune  ``python -m chattune.cli train --method lora`` (packing, bf16, answer-only loss)
+
+Same steps, same tokens: the run trains on 4 x steps conversations. The seed covers 4 of them
+per step; (b) and (c) pack them best-fit-decreasing into one row per step, of a capacity chosen
+so that the whole set fills exactly ``steps`` rows. So every system sees the same
+conversations once, and a step holds ~4 conversations for all three.
+
+The primary figure is conversation tokens/s (non-pad tokens, steady state: the first step,
+which pays one-time set-up, is excluded). Validation loss is the answer-token loss of each saved
+adapter on the same held-out conversations, computed by one function (``_systems.answer_loss``).
+The last line of output is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _systems  # noqa: E402
+from _report import SYSTEMS, report, summary_of  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = next((p for p in (REPO.parent / "shared", Path("/work/shared")) if p.is_dir()), REPO.parent / "shared")
+DATA = SHARED / "data" / "arena_conversations.jsonl"
+GPT2_TOKENIZER = SHARED / "models" / "gpt2-tokenizer"
+MODELS = ["gpt2", "smollm2-135m"]
+LORA = {"lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05}
+LR = 2e-4  # TRL's and chattune's LoRA learning rate; the seed keeps its own 2e-5
+# TRL at its fastest valid settings here (see BENCHMARKS.md): bf16 autocast, BFD packing with
+# padding-free position_ids (transformers builds the block-diagonal mask from them under sdpa),
+# completion-only loss; gradient checkpointing (SFTConfig's default) off, as it only trades
+# speed for memory.
+TRL_SETTINGS = {"packing": True, "packing_strategy": "bfd", "completion_only_loss": True, "bf16": True,
+                "gradient_checkpointing": False, "learning_rate": LR, "per_device_train_batch_size": 1}
+SEED_CHARS = {"prompt": (10, 1000), "response": (10, 1500)}  # the notebook's filter: 10 < len < max
+GEN_PROMPT = "What's the capital of Italy?"
+
+
+# -- models and data ------------------------------------------------------------------------------
+def model_dir(name: str) -> Path:
+    """A HF directory for ``name``: the built-in smollm2-135m, or GPT-2 124M with random weights."""
+    from chattune.models import cache_dir, resolve
+
+    if name != "gpt2":
+        return Path(resolve(name))
+    target = cache_dir() / "bench" / "gpt2-124m-random"
+    if not (target / "model.safetensors").is_file():
+        from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+        if not (GPT2_TOKENIZER / "vocab.json").is_file():
+            sys.exit(f"throughput: {GPT2_TOKENIZER} is missing; pass --model-dir DIR instead")
+        torch.manual_seed(0)
+        # Random weights are right for speed and memory; the loss figures are then only a sanity check.
+        GPT2LMHeadModel(GPT2Config()).save_pretrained(target, safe_serialization=True)
+        AutoTokenizer.from_pretrained(GPT2_TOKENIZER).save_pretrained(target)
+    return target
+
+
+def count_params(directory: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for path in directory.glob("*.safetensors"):
+        with safe_open(path, "pt") as f:
+            total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    return total
+
+
+def first_pairs(path: Path) -> list[tuple[str, str]]:
+    """First user->assistant pair of each conversation, kept by the seed's character bounds,
+    one per prompt (so held-out prompts never occur in training)."""
+    pairs, seen = [], set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        m = json.loads(line).get("messages") or []
+        if len(m) < 2 or m[0].get("role") != "user" or m[1].get("role") != "assistant":
+            continue
+        p, a = m[0]["content"].strip(), m[1]["content"].strip()
+        (pl, ph), (rl, rh) = SEED_CHARS["prompt"], SEED_CHARS["response"]
+        if pl < len(p) < ph and rl < len(a) < rh and p not in seen:
+            seen.add(p)
+            pairs.append((p, a))
+    return pairs
+
+
+def select(pairs, tok, n_train: int, n_val: int, seed: int) -> dict:
+    """Shuffled pairs that fit in 512 tokens: train, held-out validation, and the epoch's tokens."""
+    pairs = list(pairs)
+    random.Random(seed).shuffle(pairs)
+    lengths = [len(_systems.answer_sample(tok, p, a)[0]) for p, a in pairs]
+    fit = [(pair, n) for pair, n in zip(pairs, lengths) if n <= _systems.SEED_MAX_LENGTH]
+    if len(fit) < n_train + n_val:
+        sys.exit(f"throughput: only {len(fit)} conversations fit in 512 tokens; need {n_train} + {n_val}")
+    return {"train": [p for p, _ in fit[:n_train]], "train_lengths": [n for _, n in fit[:n_train]],
+            "val": [p for p, _ in fit[n_train:n_train + n_val]], "epoch_tokens": sum(n for _, n in fit),
+            "epoch_conversations": len(fit)}
+
+
+def pack_length(lengths: list[int], rows: int) -> int:
+    """Smallest row capacity at which best-fit-decreasing packs ``lengths`` into ``rows`` rows."""
+    from chattune.data import batch_plan
+
+    def n_rows(capacity: int) -> int:
+        return len(batch_plan(lengths, 1, packing=True, max_length=capacity, seed=0, epoch=0, shuffle=False))
+
+    lo, hi = max(lengths), max(max(lengths), sum(lengths))
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if n_rows(mid) <= rows else (mid + 1, hi)
+    return lo
+
+
+def write_messages(path: Path, pairs) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for i, (p, a) in enumerate(pairs):
+            row = {"id": f"bench-{i}", "messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a}]}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+# -- running the systems ------------------------------------------------------------------------
+CHILD_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+             "TRANSFORMERS_VERBOSITY": "error", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "PYTHONWARNINGS": "ignore"}
+# The same for all three systems. With OpenMP's default spin-waiting, a CPU shared with other
+# processes stalls every parallel op until a descheduled thread returns: here that made all
+# three systems 2-5x slower and their ratios mostly noise; PASSIVE costs ~2% on an idle CPU.
+# An OMP_WAIT_POLICY already in the environment, or --env, wins.
+BENCH_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def parse_env(items: list[str]) -> dict:
+    pairs = [item.partition("=") for item in items]
+    bad = [k for k, eq, _ in pairs if not eq or not k]
+    if bad:
+        sys.exit(f"throughput: --env wants NAME=VALUE, got {bad[0]!r}")
+    return {k: v for k, _, v in pairs}
+
+
+def child_env(gpu: bool) -> dict:
+    env = dict(os.environ, **CHILD_ENV)
+    if not gpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU figures stay CPU figures on a machine with a GPU
+    return env
+
+
+def run_child(cmd: list[str], log: Path, gpu: bool) -> float:
+    """Run ``cmd`` to completion and return its own peak RSS in MB; exit with its log tail on failure."""
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=child_env(gpu), cwd=REPO)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's rusage alone, not the max over all children
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
+        sys.exit(f"throughput: {' '.join(cmd[1:4])} failed (exit {proc.returncode}); end of {log}:\n{tail}")
+    return usage.ru_maxrss / 1024  # Linux reports KiB
+
+
+def steady(tokens: list[int], loss_tokens: list[int], seconds: list[float]) -> dict:
+    """Totals over all steps; rates over steps 2.. (step 1 pays one-time set-up) when there are several."""
+    skip = 1 if len(seconds) > 1 else 0
+    t = sum(seconds[skip:])
+    return {"steps": len(seconds), "tokens": sum(tokens), "loss_tokens": sum(loss_tokens),
+            "tokens_per_s": sum(tokens[skip:]) / t, "loss_tokens_per_s": sum(loss_tokens[skip:]) / t,
+            "first_step_s": seconds[0], "step_s": t / len(seconds[skip:])}
+
+
+def run_hf_system(system: str, spec: dict, work: Path) -> dict:
+    out = work / f"{system}.json"
+    rss = run_child([sys.executable, str(Path(_systems.__file__)), system, str(work / "spec.json"), str(out)],
+                    work / f"{system}.log", spec["gpu"])
+    r = json.loads(out.read_text())
+    ends = [r["t0"], *r["step_end"]]
+    figures = steady(r["tokens"], r["loss_tokens"], [b - a for a, b in zip(ends, ends[1:])])
+    return {**figures, "peak_rss_mb": rss, "precision": r["precision"], "final_train_loss": r["train_losses"][-1],
+            "threads": r["threads"], "device": r["device"], "peak_gpu_mb": r["peak_gpu_mb"]}
+
+
+def chattune_cmd(spec: dict, run_dir: Path, overrides: list[str]) -> list[str]:
+    sets = ["data.turns=first", "data.val_ratio=0", "data.test_ratio=0", "train.log_every=1",
+            f"train.save_every={spec['steps']}", f"method.lora.r={spec['lora_r']}",
+            f"method.lora.alpha={spec['lora_alpha']}", f"method.lora.dropout={spec['lora_dropout']}", *overrides]
+    cmd = [sys.executable, "-m", "chattune.cli", "train", "--model", spec["model_dir"], "--dataset", spec["train_file"],
+           "--format", "messages", "--method", "lora", "--max-steps", str(spec["steps"]), "--batch-size", "1",
+           "--max-length", str(spec["pack_length"]), "--lr", str(LR), "--seed", str(spec["seed"]),
+           "--output-dir", str(run_dir), "--json"]
+    return cmd + [a for s in sets for a in ("--set", s)]
+
+
+def run_chattune(spec: dict, work: Path, overrides: list[str]) -> dict:
+    run_dir = work / "chattune-run"
+    rss = run_child(chattune_cmd(spec, run_dir, overrides), work / "chattune.log", spec["gpu"])
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in records if "tokens_per_s" in r]  # log_every=1: one window per step
+    tokens, loss_tokens, seconds, seen, seen_loss = [], [], [], 0, 0
+    for r in records:
+        tokens.append(r["tokens"] - seen)
+        loss_tokens.append(r["loss_tokens"] - seen_loss)
+        seconds.append(tokens[-1] / r["tokens_per_s"])
+        seen, seen_loss = r["tokens"], r["loss_tokens"]
+    info = json.loads((run_dir / "run_info.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {**steady(tokens, loss_tokens, seconds), "peak_rss_mb": rss, "precision": {"bfloat16": "bf16", "float32": "fp32"}.get(info["precision"], info["precision"]),
+            "final_train_loss": summary["final_train_loss"], "threads": None, "device": None,
+            "peak_gpu_mb": summary["peak_memory_mb"] if spec["gpu"] else None}
+
+
+# -- one model ----------------------------------------------------------------------------------
+def bench_model(name: str, directory: Path, args, work: Path, peaks: dict) -> dict:
+    from transformers import AutoTokenizer
+
+    work.mkdir(parents=True, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(directory)
+    data = select(first_pairs(args.data), tok, 4 * args.steps, args.val, args.seed)
+    write_messages(work / "train.jsonl", data["train"])
+    write_messages(work / "val.jsonl", data["val"])
+    spec = {"model_dir": str(directory), "train_file": str(work / "train.jsonl"), "val_file": str(work / "val.jsonl"),
+            "steps": args.steps, "pack_length": pack_length(data["train_lengths"], args.steps), "seed": args.seed,
+            "gpu": args.gpu, "work": str(work), "trl": {**TRL_SETTINGS, **parse_sets(args.trl_set)},
+            "adapters": {s: str(work / f"{s}-adapter") for s in ("seed", "trl")}, "gen_tokens": args.gen_tokens,
+            "gen_prompt": GEN_PROMPT, **LORA}
+    spec["adapters"]["chattune"] = str(work / "chattune-run" / "adapter")
+    (work / "spec.json").write_text(json.dumps(spec, indent=1))
+    systems = {}
+    for system in SYSTEMS:
+        log(f"{name}: training {system} for {args.steps} steps ...")
+        start = time.perf_counter()
+        systems[system] = (run_chattune(spec, work, args.chattune_set) if system == "chattune"
+                           else run_hf_system(system, spec, work))
+        log(f"{name}: {system} done in {time.perf_counter() - start:.0f}s, "
+            f"{systems[system]['tokens_per_s']:.0f} tokens/s")
+    log(f"{name}: validation loss{' and generation speed' if args.gen_tokens else ''} ...")
+    run_child([sys.executable, str(Path(_systems.__file__)), "evaluate", str(work / "spec.json"), str(work / "eval.json")],
+              work / "evaluate.log", args.gpu)
+    evaluation = json.loads((work / "eval.json").read_text())
+    params = count_params(directory)
+    for system, s in systems.items():
+        s["val_loss"] = evaluation["val_loss"][system]
+        s["seconds_per_epoch"] = data["epoch_tokens"] / s["tokens_per_s"]
+        # LoRA: forward 2 and input-gradients 2 FLOPs per parameter per token; no weight gradients
+        s["gflops"] = 4 * params * s["tokens_per_s"] / 1e9
+        s["peak_share"] = s["gflops"] * 1e9 / peaks[s["precision"]] if s["precision"] in peaks else None
+    ratio = {other: systems["chattune"]["tokens_per_s"] / systems[other]["tokens_per_s"] for other in ("seed", "trl")}
+    return {"model": name, "params": params, "steps": args.steps, "conversations": len(data["train"]),
+            "pack_length": spec["pack_length"], "val_conversations": len(data["val"]),
+            "val_answer_tokens": evaluation["val_answer_tokens"], "epoch_conversations": data["epoch_conversations"],
+            "epoch_tokens": data["epoch_tokens"], "systems": systems, "base_val_loss": evaluation["val_loss"]["base"],
+            "vs_seed": ratio["seed"], "vs_trl": ratio["trl"], "trl_settings": spec["trl"],
+            "chattune_overrides": args.chattune_set, "generation": evaluation.get("generation")}
+
+
+def parse_sets(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            out[key] = json.loads(value)  # numbers, true/false, lists
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+# -- progress and machine ------------------------------------------------------------------------------------
+def log(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def matmul_peaks(gpu: bool) -> dict:
+    """FLOP/s of a large matmul per precision: the denominator of the '% peak' column."""
+    if not gpu:  # in a child, so it runs under the same environment as the systems
+        proc = subprocess.run([sys.executable, str(Path(__file__).parent / "matmul_peak.py")], env=child_env(False),
+                              capture_output=True, text=True, check=True)
+        peak = json.loads(proc.stdout.strip().splitlines()[-1])
+        return {"fp32": peak["fp32_gflops"] * 1e9, "bf16": peak["bf16_gflops"] * 1e9}
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        a, b = torch.randn(8192, 8192, device="cuda", dtype=dtype), torch.randn(8192, 8192, device="cuda", dtype=dtype)
+        a @ b
+        torch.cuda.synchronize()
+        reps, start = 0, time.perf_counter()
+        while time.perf_counter() - start < 2.0:
+            a @ b
+            torch.cuda.synchronize()
+            reps += 1
+        out[name] = 2 * 8192**3 * reps / (time.perf_counter() - start)
+    return out
+
+
+def machine_info(gpu: bool) -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown") if Path("/proc/cpuinfo").exists() else "unknown"
+    return {"device": torch.cuda.get_device_name(0) if gpu else "cpu", "cpu": cpu, "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "load_average_start": round(os.getloadavg()[0], 2)}
+
+
+# -- main ---------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", action="append", choices=MODELS,
+                   help="model to measure (repeatable; default: both, --quick: gpt2)")
+    p.add_argument("--model-dir", type=Path, help="a local HF model directory instead of --model (tests use a tiny one)")
+    p.add_argument("--data", type=Path, default=DATA, help="conversations in messages format (.jsonl)")
+    p.add_argument("--quick", action="store_true", help="GPT-2 only, 3 steps, 4 validation conversations, 8 generated tokens: ~3 minutes")
+    p.add_argument("--steps", type=int, help="optimiser steps per system (default 20; --quick 3)")
+    p.add_argument("--val", type=int, help="held-out conversations for the validation loss (default 48; --quick 4)")
+    p.add_argument("--gen-tokens", type=int, help="new tokens per generation timing; 0 skips it (default 32; --quick 8)")
+    p.add_argument("--gpu", action="store_true", help="run on CUDA (the seed then uses fp16, as its notebook did)")
+    p.add_argument("--seed", type=int, default=0, help="data order and initialisation seed")
+    p.add_argument("--work-dir", type=Path, help="keep logs, specs and adapters here (default: a temp dir)")
+    p.add_argument("--trl-set", action="append", default=[], metavar="KEY=VALUE", help="override an SFTConfig field")
+    p.add_argument("--chattune-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra chattune --set override (e.g. train.precision=fp32)")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="environment variable for all three systems alike (default OMP_WAIT_POLICY=PASSIVE; "
+                        "OMP_WAIT_POLICY=ACTIVE measures OpenMP's spin-waiting)")
+    args = p.parse_args(argv)
+    args.model = args.model or (MODELS[:1] if args.quick else MODELS)
+    args.steps = args.steps or (3 if args.quick else 20)
+    args.val = args.val if args.val is not None else (4 if args.quick else 48)
+    args.gen_tokens = args.gen_tokens if args.gen_tokens is not None else (8 if args.quick else 32)
+    if args.steps < 1 or args.val < 1:
+        p.error("--steps and --val must be positive")
+    if args.gpu and not torch.cuda.is_available():
+        p.error("--gpu: no CUDA device is visible")
+    if not args.data.is_file():
+        p.error(f"--data {args.data}: no such file (the shared data lives in ../shared/data)")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # lengths above the model's limit are expected while selecting
+    bench_env = {k: os.environ.get(k, v) for k, v in BENCH_ENV.items()} | parse_env(args.env)
+    CHILD_ENV.update(bench_env)
+    machine = machine_info(args.gpu)
+    machine["env"] = " ".join(f"{k}={v}" for k, v in bench_env.items())
+    log(f"measuring the matmul peak on {machine['device']} ...")
+    peaks = matmul_peaks(args.gpu)
+    machine.update({f"{k}_matmul_gflops": v / 1e9 for k, v in peaks.items()})
+    models = ([(args.model_dir.name, args.model_dir)] if args.model_dir
+              else [(m, model_dir(m)) for m in args.model])
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="chattune-bench-"))
+    results = {}
+    for i, (name, directory) in enumerate(models):
+        if i:  # generation speed once per run is enough in --quick
+            args.gen_tokens = 0 if args.quick else args.gen_tokens
+        results[name] = bench_model(name, directory, args, work / name.replace("/", "_"), peaks)
+        print(report(results[name], machine) + "\n", flush=True)
+    machine["load_average_end"] = round(os.getloadavg()[0], 2)
+    first = next(iter(results.values()))
+    out = {"model": first["model"], **{k: v for k, v in summary_of(first).items()
+                                       if k in ("vs_seed", "vs_trl", "peak_rss_mb", "val_loss")},
+           "steps": args.steps, "quick": args.quick, "env": bench_env, "machine": machine,
+           "torch_threads": machine["torch_threads"], "work_dir": str(work), "models": {name: summary_of(r) for name, r in results.items()}}
+    print(json.dumps(out), flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""The throughput harness end to end on a tiny GPT-2: its output format, never its timings
+(benchmarks measure, tests assert)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tiny import SAMPLE, save_tiny
+
+ROOT = Path(__file__).parents[1]
+SYSTEMS = {"seed", "trl", "chattune"}
+
+
+def write_conversations(path: Path) -> Path:
+    """conversation_a of each built-in arena row, in messages format: the harness's input."""
+    with path.open("w", encoding="utf-8") as f:
+        for line in SAMPLE.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            f.write(json.dumps({"id": row["question_id"], "messages": row["conversation_a"]}) + "\n")
+    return path
+
+
+def test_quick_bench_prints_the_table_and_one_json_line(tmp_path):
+    model = save_tiny(tmp_path / "tiny-gpt2", "gpt2")
+    data = write_conversations(tmp_path / "conversations.jsonl")
+    cmd = [sys.executable, "benchmarks/throughput.py", "--model-dir", str(model), "--data", str(data), "--quick",
+           "--steps", "2", "--val", "2", "--gen-tokens", "2", "--work-dir", str(tmp_path / "work")]
+    # one thread: a tiny model gains nothing from two, and on a shared CPU it waits less
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    header = next(line for line in lines if line.startswith("system "))
+    for column in ("precision", "tokens/s", "loss-tok/s", "s/epoch", "peak RSS MB", "val loss", "% peak"):
+        assert column in header
+    assert {line.split()[0] for line in lines if line.split()[:1] and line.split()[0] in SYSTEMS} == SYSTEMS
+
+    result = json.loads(lines[-1])
+    for key in ("vs_seed", "vs_trl"):
+        assert math.isfinite(result[key]) and result[key] > 0
+    for key in ("peak_rss_mb", "val_loss"):
+        assert set(result[key]) == SYSTEMS
+        assert all(math.isfinite(v) and v > 0 for v in result[key].values())
+    assert result["steps"] == 2 and result["model"] == "tiny-gpt2"
+    figures = result["models"]["tiny-gpt2"]
+    assert figures["precision"] == {"seed": "fp32", "trl": "bf16", "chattune": "bf16"}
+    # every system trained on the same 8 conversations; the seed's texts carry no EOS
+    assert figures["tokens"]["seed"] == figures["tokens"]["chattune"] - 8
+    # chattune's own decoding loop keeps the KV cache for every method, prefix tuning included
+    generation = figures["generation"]
+    assert generation["prefix"]["kv_cache"] and generation["plain_generate"]["kv_cache"]
+    assert all(generation[m]["kv_cache"] for m in generation)
