@@ -53,7 +53,7 @@ def main() -> None:
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         rows = [run_method(m, args, Path(tmp)) for m in args.methods.split(",")]
-    print(f"| method | trainable params | share | packing | step time (s) | tokens/s | peak RSS (MB) |")
+    print("| method | trainable params | share | packing | step time (s) | tokens/s | peak memory (MB) |")
     print("|---|---:|---:|---|---:|---:|---:|")
     for r in rows:
         if "error" in r:

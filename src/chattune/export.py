@@ -34,14 +34,11 @@ def export(run_dir: str, out: str) -> str:
         model.save_pretrained(out_dir, safe_serialization=True)
         run.tokenizer.save_pretrained(out_dir)
         return f"wrote {out_dir}: {run.method.name} merged into the weights; load with AutoModelForCausalLM.from_pretrained('{out_dir}')"
-    with run.base() as base:
-        plain = base.get_base_model() if hasattr(base, "get_base_model") else base
-        _save_base(run, out_dir / "base")
+    _save_base(run, out_dir / "base")
     shutil.copytree(Path(run_dir) / "adapter", out_dir / "adapter")
     run.tokenizer.save_pretrained(out_dir / "base")
     recipe = "from transformers import AutoModelForCausalLM\n" + RECIPES.get(run.method.name, RECIPES["default"]).format(out=out_dir)
     (out_dir / "LOAD.md").write_text(f"# {run.method.name} cannot be merged into plain weights\n\n```python\n{recipe}\n```\n")
-    del plain
     return (f"{run.method.name} cannot become plain weights; wrote base model and {run.method.name} files to {out_dir}. "
             f"Load with:\n{recipe}")
 

@@ -39,7 +39,6 @@ DEFAULT_TARGETS = {
     "gemma2": ["q_proj", "v_proj"],
     "phi3": ["qkv_proj"],
 }
-FEEDFORWARD_TARGETS = {"gpt2": ["c_fc"], "llama": ["down_proj"], "mistral": ["down_proj"], "qwen2": ["down_proj"]}
 
 
 def cache_dir() -> Path:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from chattune import checkpoint as ckpt
-from chattune.config import save_yaml, to_dict
+from chattune.config import save_yaml
 from chattune.data import batch_plan, collate, prepare
 from chattune.errors import UserError
 from chattune.evaluate import loss_on_samples
@@ -345,5 +345,3 @@ def config_of(run_dir: Path) -> dict:
 
     return load_yaml(path)
 
-
-__all__ = ["train", "build_model", "autocast_dtype", "to_dict"]
