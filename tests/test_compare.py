@@ -162,7 +162,8 @@ def test_refuses_a_directory_that_is_not_a_comparison(tiny_dirs, tmp_path, capsy
 @pytest.mark.slow
 def test_killed_mid_training_resumes_from_the_checkpoint(tiny_dirs, tmp_path):
     out = tmp_path / "out"
-    args = compare_args(tiny_dirs["gpt2"], out, "lora", "--max-steps", "12", "--set", "train.save_every=1")
+    args = compare_args(tiny_dirs["gpt2"], out, "lora", "--max-steps", "12", "--set", "train.save_every=1",
+                        "--set", "train.log_every=1")
     proc = subprocess.Popen([sys.executable, "-m", "chattune.cli", *args], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state, deadline = out / "lora" / "checkpoint" / "state.json", time.time() + 300
@@ -171,7 +172,10 @@ def test_killed_mid_training_resumes_from_the_checkpoint(tiny_dirs, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its worker, as a closed terminal would
     proc.wait()
     assert not (out / "lora" / "summary.json").exists(), "finished before it could be killed"
+    before = (out / "lora" / "metrics.jsonl").read_text()
     assert main(args) == 0
+    # continued, not restarted: the killed attempt's lines (with their own timings) are still there
+    assert before and (out / "lora" / "metrics.jsonl").read_text().startswith(before)
     assert read(out / "lora" / "summary.json")["steps"] == 12
     assert read(out / "results.json")["methods"][0]["status"] == "done"
 

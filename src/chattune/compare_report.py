@@ -141,6 +141,7 @@ def plots(rows: list[dict], base: dict | None) -> dict[str, bytes]:
             steps, losses = zip(*r["val_curve"])
             ax.plot(steps, losses, marker="o", label=r["method"])
     _base_line(ax, base_val)
+    ax.xaxis.get_major_locator().set_params(integer=True)  # steps, not fractions of one
     ax.set(xlabel="optimiser step", ylabel="validation answer-token loss", title="Validation loss")
     out["val_loss"] = _png(fig, ax)
 
@@ -153,7 +154,7 @@ def plots(rows: list[dict], base: dict | None) -> dict[str, bytes]:
     ax.set(xlabel="trainable parameters (log scale)", ylabel="final validation loss", title="Loss against size")
     out["loss_vs_params"] = _png(fig, ax)
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(6.4, 4))
     names = [r["method"] for r in done]
     left.bar(names, [r["tokens_per_s"] for r in done], color="tab:blue")
     left.set(ylabel="training tokens/s", title="Throughput")
