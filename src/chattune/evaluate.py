@@ -16,7 +16,7 @@ import torch
 
 from chattune.data import IGNORE_INDEX, collate
 from chattune.errors import UserError
-from chattune.loss import shift_targets, token_loss_sum
+from chattune.loss import shift_targets, token_losses
 
 
 @torch.no_grad()
@@ -31,13 +31,14 @@ def loss_on_samples(model, samples: list[dict], pad_id: int, batch_size: int, de
         # all-token targets: every real token but the first, as the seed measured (prompt included)
         ids = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
         ids[:, 0] = IGNORE_INDEX
+        # one forward for both: answer positions are a subset of the all-token positions
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss, n = token_loss_sum(model, batch)
-            all_loss, all_n = token_loss_sum(model, batch, targets=shift_targets(ids))
-        sums["loss"] += float(loss)
-        sums["n"] += n
-        sums["all_loss"] += float(all_loss)
-        sums["all_n"] += all_n
+            losses, keep = token_losses(model, batch, shift_targets(ids))  # (N,), (B, T)
+        answer = (shift_targets(batch["labels"]) != IGNORE_INDEX)[keep]  # (N,)
+        sums["loss"] += float(losses[answer].sum())
+        sums["n"] += int(answer.sum())
+        sums["all_loss"] += float(losses.sum())
+        sums["all_n"] += int(keep.sum())
     out = {"loss": sums["loss"] / max(sums["n"], 1), "all_loss": sums["all_loss"] / max(sums["all_n"], 1),
            "loss_tokens": sums["n"], "all_tokens": sums["all_n"]}
     out["ppl"] = math.exp(min(out["loss"], 50))

@@ -50,16 +50,15 @@ def model_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
-def token_loss_sum(model, batch: dict, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over loss-bearing positions and their count.
-
-    ``targets`` defaults to the shifted labels; eval passes the shifted input ids to get
-    the all-token (seed-comparable) loss from the same forward code.
-    """
-    if targets is None:
-        targets = shift_targets(batch["labels"])
+def token_losses(model, batch: dict, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token cross-entropy (N,) at the positions of ``keep = targets != IGNORE_INDEX`` (B, T)."""
     keep = targets != IGNORE_INDEX  # (B, T)
     with selected_logits(model, keep):
         logits = model(**model_inputs(batch), use_cache=False).logits  # (N, V)
-    loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-    return loss, int(keep.sum())
+    return F.cross_entropy(logits.float(), targets[keep], reduction="none"), keep
+
+
+def token_loss_sum(model, batch: dict, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over loss-bearing positions (the shifted labels by default) and their count."""
+    losses, keep = token_losses(model, batch, shift_targets(batch["labels"]) if targets is None else targets)
+    return losses.sum(), int(keep.sum())
