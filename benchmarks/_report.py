@@ -16,7 +16,8 @@ def report(r: dict, machine: dict) -> str:
              f"{machine['torch_threads']} torch threads, {machine['env'] or 'inherited environment'} for all systems",
              f"   {r['steps']} optimiser steps = {r['conversations']} conversations "
              f"({s['chattune']['tokens']:,} conversation tokens); 1 step = 4 conversations: seed 4 rows padded "
-             f"to 512, trl and chattune 1 packed row of <= {r['pack_length']} tokens",
+             f"to 512, trl and chattune 1 packed row of <= {r['pack_length']} tokens"
+             + (f" (chattune overrides: {' '.join(r['chattune_overrides'])})" if r["chattune_overrides"] else ""),
              f"   tokens/s: non-pad conversation tokens per second over steps 2..{r['steps']}; "
              f"s/epoch: {r['epoch_conversations']} conversations, {r['epoch_tokens']:,} tokens; val loss: answer "
              f"tokens of {r['val_conversations']} held-out conversations (untrained: {r['base_val_loss']:.4f})", ""]
