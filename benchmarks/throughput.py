@@ -30,6 +30,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -209,6 +210,7 @@ def chattune_cmd(spec: dict, run_dir: Path, overrides: list[str]) -> list[str]:
 
 def run_chattune(spec: dict, work: Path, overrides: list[str]) -> dict:
     run_dir = work / "chattune-run"
+    shutil.rmtree(run_dir, ignore_errors=True)  # chattune refuses to overwrite a run; a reused --work-dir holds one
     rss = run_child(chattune_cmd(spec, run_dir, overrides), work / "chattune.log", spec["gpu"])
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if "tokens_per_s" in r]  # log_every=1: one window per step
