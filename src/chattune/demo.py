@@ -4,10 +4,14 @@ answers to three questions and the eval summary."""
 
 from __future__ import annotations
 
+import shutil
 import time
+from pathlib import Path
 
 from chattune.config import from_dict
+from chattune.errors import UserError
 
+MARKER = ".chattune-demo"  # marks a directory the demo made, so a rerun may replace it
 QUESTIONS = ["What's the capital of Italy?", "Why is the sky blue?", "Give me three tips for writing clean Python code."]
 
 
@@ -19,6 +23,7 @@ def demo(args) -> int:
     from chattune.train import autocast_dtype, train
 
     start = time.perf_counter()
+    _clear_previous(Path(args.output_dir))
     cfg = from_dict(RunConfig, {
         "model": {"name": "smollm2-135m"},
         "data": {"dataset": "sample", "max_length": 512},
@@ -29,6 +34,7 @@ def demo(args) -> int:
     })
     print(f"== chattune demo: LoRA on smollm2-135m, built-in arena sample, {args.max_steps} steps ==", flush=True)
     summary = train(cfg)
+    (Path(args.output_dir) / MARKER).touch()
     print(f"trained in {summary['train_seconds']:.0f} s ({summary['tokens_per_s']:.0f} tokens/s), "
           f"final train loss {summary['final_train_loss']:.3f}", flush=True)
     run = load_run(args.output_dir)
@@ -45,6 +51,16 @@ def demo(args) -> int:
     print(eval_table(evaluate_run(run, "test")))
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s; chat with it: chattune chat {args.output_dir}")
     return 0
+
+
+def _clear_previous(out: Path) -> None:
+    """A rerun of the demo replaces the demo's own earlier run, and nothing else."""
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not (out / MARKER).exists():
+        raise UserError(f"{out} exists and is not a previous demo run: pick another --output-dir")
+    print(f"replacing the previous demo run in {out}", flush=True)
+    shutil.rmtree(out)
 
 
 def _show(answer: dict) -> str:
