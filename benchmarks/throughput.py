@@ -50,12 +50,16 @@ GPT2_TOKENIZER = SHARED / "models" / "gpt2-tokenizer"
 MODELS = ["gpt2", "smollm2-135m"]
 LORA = {"lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05}
 LR = 2e-4  # TRL's and chattune's LoRA learning rate; the seed keeps its own 2e-5
-# TRL at its fastest valid settings here (see BENCHMARKS.md): bf16 autocast, BFD packing with
-# padding-free position_ids (transformers builds the block-diagonal mask from them under sdpa),
-# completion-only loss; gradient checkpointing (SFTConfig's default) off, as it only trades
-# speed for memory.
+# TRL at its fastest valid settings here (see benchmarks/README.md): bf16 autocast, BFD packing
+# with padding-free position_ids (transformers builds the block-diagonal mask from them under
+# sdpa), completion-only loss; gradient checkpointing (SFTConfig's default) off, as it only
+# trades speed for memory. TRL and chattune share one learning-rate schedule (cosine, no
+# warmup), so that the validation losses compare the implementations, not two schedules: with
+# their own defaults (TRL linear without warmup, chattune 5% warmup + cosine) TRL's 20 steps
+# had ~10% more learning-rate area.
+SCHEDULE = {"lr_scheduler_type": "cosine", "warmup_steps": 0}
 TRL_SETTINGS = {"packing": True, "packing_strategy": "bfd", "completion_only_loss": True, "bf16": True,
-                "gradient_checkpointing": False, "learning_rate": LR, "per_device_train_batch_size": 1}
+                "gradient_checkpointing": False, "learning_rate": LR, "per_device_train_batch_size": 1, **SCHEDULE}
 SEED_CHARS = {"prompt": (10, 1000), "response": (10, 1500)}  # the notebook's filter: 10 < len < max
 GEN_PROMPT = "What's the capital of Italy?"
 
@@ -199,6 +203,7 @@ def run_hf_system(system: str, spec: dict, work: Path) -> dict:
 
 def chattune_cmd(spec: dict, run_dir: Path, overrides: list[str]) -> list[str]:
     sets = ["data.turns=first", "data.val_ratio=0", "data.test_ratio=0", "train.log_every=1",
+            "train.warmup_ratio=0",  # SCHEDULE
             f"train.save_every={spec['steps']}", f"method.lora.r={spec['lora_r']}",
             f"method.lora.alpha={spec['lora_alpha']}", f"method.lora.dropout={spec['lora_dropout']}", *overrides]
     cmd = [sys.executable, "-m", "chattune.cli", "train", "--model", spec["model_dir"], "--dataset", spec["train_file"],

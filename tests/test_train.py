@@ -73,6 +73,19 @@ def test_packing_on_and_off_give_the_same_loss(tiny_dirs, tmp_path):
     assert losses["--packing"] == pytest.approx(losses["--no-packing"], rel=1e-5)
 
 
+@pytest.mark.parametrize("method", ["lora", "prompt"])
+def test_selected_logits_give_the_loss_of_full_logits(tiny_dirs, tmp_path, method):
+    """The LM head projected only at loss positions gives the HF-style full-logits loss
+    (prompt tuning: its virtual tokens shift the positions)."""
+    losses = {}
+    for mode in ("selected", "full"):
+        out = tmp_path / mode
+        assert main(train_args(tiny_dirs["gpt2"], out, "--method", method, "--max-steps", "2", "--batch-size", "4",
+                               "--precision", "fp32", "--set", f"train.loss_logits={mode}")) == 0
+        losses[mode] = [m["loss"] for m in metrics(out) if "loss" in m]
+    assert losses["selected"] == pytest.approx(losses["full"], rel=1e-5)
+
+
 def _cli(*args: str, env=None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "chattune.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)

@@ -33,11 +33,9 @@ import itertools
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,6 +108,8 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     """Run (or resume) a comparison and write its report; 1 when a method failed."""
     if args.worker:
+        from chattune.compare_worker import work
+
         return work(Path(args.output_dir), args.worker, args.with_base)
     record = resolve(args)
     out = Path(record["output_dir"])
@@ -117,7 +117,7 @@ def run(args) -> int:
     rows = sweep(out, record["methods"], verbose=getattr(args, "verbose", False))
     from chattune.compare_report import base_row, markdown_table, write_report
 
-    base = base_row(_read_json(out / "base.json"))
+    base = base_row(read_json(out / "base.json"))
     write_report(out, record, base, rows)
     print(markdown_table(([base] if base else []) + rows))
     print(f"\nreport: {out / 'report.html'}")
@@ -359,80 +359,11 @@ def _error_text(code: int, last: str) -> str:
     return last.removeprefix("chattune: error: ") or f"exit code {code}"
 
 
-# -- the worker (one method, in its own process) ------------------------------------------
-def work(out: Path, method: str, with_base: bool) -> int:
-    """Train ``method`` (resuming a stopped run), evaluate it, write its result.json."""
-    from chattune.compare_report import method_row
-
-    record = yaml.safe_load((out / "compare.yaml").read_text())
-    cfg = method_config(record, method, out)
-    run_dir = out / method
-    times = _read_json(run_dir / "times.json") or {"train_wall_s": 0.0, "eval_wall_s": 0.0}
-    if not (run_dir / "summary.json").is_file():
-        start = time.perf_counter()
-        _train(cfg, run_dir)
-        times["train_wall_s"] += time.perf_counter() - start
-        _write_json(run_dir / "times.json", times)
-    start = time.perf_counter()
-    test, base = _evaluate(run_dir, with_base)
-    times["eval_wall_s"] += time.perf_counter() - start
-    _write_json(run_dir / "times.json", times)
-    if base is not None:
-        _write_json(out / "base.json", base)
-    _write_json(run_dir / "result.json", method_row(run_dir, method, times, test))
-    return 0
-
-
-def _train(cfg, run_dir: Path) -> None:
-    from chattune.checkpoint import find_checkpoint
-    from chattune.train import train
-
-    resume = (run_dir / "config.yaml").is_file()
-    if resume and find_checkpoint(run_dir) is None:
-        shutil.rmtree(run_dir)  # stopped before its first checkpoint: nothing to continue
-        resume = False
-    train(cfg, resume=resume)
-
-
-def _evaluate(run_dir: Path, with_base: bool) -> tuple[dict, dict | None]:
-    """The test split (eval_test.json, reused when already written) and, when asked, the base
-    model's test and validation numbers. A method's validation loss is not recomputed here:
-    its run's last validation pass saw the same samples with the same weights."""
-    from chattune.evaluate import evaluate_run
-    from chattune.generate import load_run
-
-    run = None
-    test = _read_json(run_dir / "eval_test.json")
-    if test is None or (with_base and "base" not in test):
-        run = load_run(run_dir)
-        test = evaluate_run(run, "test", include_base=with_base)
-        _write_json(run_dir / "eval_test.json", test)
-    if not with_base:
-        return test, None
-    return test, {"test": test["base"], "validation": _base_validation(run or load_run(run_dir))}
-
-
-def _base_validation(run) -> dict | None:
-    """The base model's loss on the validation samples that every run's validation passes use."""
-    from chattune.data import prepare
-    from chattune.evaluate import loss_on_samples
-    from chattune.train import autocast_dtype
-
-    cfg = run.cfg
-    samples = prepare(cfg.data, run.tokenizer).splits["validation"][: cfg.train.max_eval_samples]
-    if not samples:
-        return None
-    device = next(run.model.parameters()).device
-    with run.base() as base:  # as Trainer.validate computes it, with the method switched off
-        return loss_on_samples(base, samples, run.tokenizer.pad_token_id, cfg.eval.batch_size, device,
-                               autocast_dtype(cfg.train.precision, device))
-
-
-def _read_json(path: Path):
+def read_json(path: Path):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _write_json(path: Path, data) -> None:
+def write_json(path: Path, data) -> None:
     tmp = path.with_suffix(".tmp")  # a kill mid-write must not leave a half file that reads as "done"
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, path)

@@ -50,15 +50,23 @@ def model_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
-def token_losses(model, batch: dict, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token cross-entropy (N,) at the positions of ``keep = targets != IGNORE_INDEX`` (B, T)."""
+def token_losses(model, batch: dict, targets: torch.Tensor, full_logits: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token cross-entropy (N,) at the positions of ``keep = targets != IGNORE_INDEX`` (B, T).
+    ``full_logits`` projects every position first, as HF models do by default (to measure the cost)."""
     keep = targets != IGNORE_INDEX  # (B, T)
-    with selected_logits(model, keep):
-        logits = model(**model_inputs(batch), use_cache=False).logits  # (N, V)
+    if full_logits:
+        logits = model(**model_inputs(batch), use_cache=False).logits  # (B, T + virtual, V)
+        logits = logits[:, logits.shape[1] - keep.shape[1]:][keep]  # (N, V)
+    else:
+        with selected_logits(model, keep):
+            logits = model(**model_inputs(batch), use_cache=False).logits  # (N, V)
     return F.cross_entropy(logits.float(), targets[keep], reduction="none"), keep
 
 
-def token_loss_sum(model, batch: dict, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+def token_loss_sum(model, batch: dict, targets: torch.Tensor | None = None, full_logits: bool = False
+                   ) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over loss-bearing positions (the shifted labels by default) and their count."""
-    losses, keep = token_losses(model, batch, shift_targets(batch["labels"]) if targets is None else targets)
+    targets = shift_targets(batch["labels"]) if targets is None else targets
+    losses, keep = token_losses(model, batch, targets, full_logits)
     return losses.sum(), int(keep.sum())

@@ -62,6 +62,11 @@ class TrainArgs:
     packing: bool | None = field(None, help="pack several conversations per row (default: on where the method supports it)")
     precision: Literal["auto", "bf16", "fp32"] = field("auto", help="auto: bfloat16 autocast where supported (CPU included), else fp32")
     seed: int = field(0, help="seed for data order, initialisation and dropout")
+    loss_logits: Literal["selected", "full"] = field(
+        "selected", help="selected: LM-head logits only where a token carries loss; full: at every position "
+                         "(the HF default; kept to measure the difference, see benchmarks/levers.py)")
+    compile: bool = field(False, help="torch.compile the model through Accelerate (inductor); off by default: "
+                                      "measured slower on short CPU runs, see benchmarks/levers.py")
     log_every: int = field(10, help="optimiser steps between metrics.jsonl lines")
     eval_every: int = field(0, help="optimiser steps between validation passes (0: only at the end)")
     save_every: int = field(50, help="optimiser steps between checkpoints")

@@ -98,7 +98,7 @@ class Plan:
 class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: Path, resume: bool = False):
         self.cfg, self.run_dir, self.resume = cfg, run_dir, resume
-        self.acc = Accelerator(cpu=not torch.cuda.is_available())
+        self.acc = Accelerator(cpu=not torch.cuda.is_available(), dynamo_backend="inductor" if cfg.train.compile else "no")
         set_seed(cfg.train.seed)
         self.tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
         self.data = prepare(cfg.data, self.tokenizer)
@@ -214,7 +214,7 @@ class Trainer:
             sync = self.acc.no_sync(self.model) if i < len(mine) - 1 else _null()
             with sync, torch.autocast(self.acc.device.type, dtype=self.dtype or torch.float32,
                                       enabled=self.dtype is not None):
-                loss, _ = token_loss_sum(self.model, batch)
+                loss, _ = token_loss_sum(self.model, batch, full_logits=self.cfg.train.loss_logits == "full")
                 self.acc.backward(loss * scale)
             loss_sum += float(loss.detach()) if scale else 0.0
         stats = torch.tensor([loss_sum, tokens], dtype=torch.float64, device=self.acc.device)
