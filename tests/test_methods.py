@@ -57,6 +57,31 @@ def test_identity_at_step_zero(method, arch, tokenizer, batch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_prefix_from_text_starts_as_the_base_model_reading_that_text(arch, tokenizer):
+    """With init_text, the prefix holds the base model's keys and values for the text, so
+    at step 0 the model equals the base model with the text in front of the input."""
+    n = 6
+    _, model, ref = fresh("prefix", arch, tokenizer, num_virtual_tokens=n, init_text="Be helpful.")
+    text = tokenizer("Be helpful.", add_special_tokens=False)["input_ids"]
+    prefix = (text * n)[:n]
+    x = torch.randint(1, len(tokenizer), (1, 10))
+    model.eval()
+    with torch.no_grad():
+        got = model(input_ids=x).logits  # (1, 10, V)
+        want = ref(input_ids=torch.cat([torch.tensor([prefix]), x], dim=1)).logits[:, n:]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_prefix_init_text_with_projection_is_refused():
+    from chattune.errors import UserError
+    from chattune.methods.peft_methods import PrefixSettings
+
+    assert PrefixSettings(prefix_projection=True).init_text is None  # the default text steps aside
+    with pytest.raises(UserError, match="needs prefix_projection=false"):
+        PrefixSettings(prefix_projection=True, init_text="Be brief.")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("method", METHODS)
 def test_loss_falls_over_30_steps(method, arch, tokenizer, batch):
     torch.manual_seed(0)
@@ -191,3 +216,26 @@ def test_prefix_projection_trains_and_decodes_with_the_cache(arch, tokenizer, ba
     prompt = batch["input_ids"][0, :10].tolist()
     cached, _ = generate_ids(model, prompt, max_new_tokens=5, eos_id=-1, device=torch.device("cpu"))
     assert len(cached) == 5
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", METHODS)
+def test_frozen_weights_stored_in_bf16_change_nothing_under_autocast(method, arch, tokenizer, batch):
+    """Training stores frozen matmul weights in the autocast dtype: same loss, same gradients."""
+    from chattune.train import store_frozen_weights_in
+
+    _, model, _ = fresh(method, arch, tokenizer)
+    model.train()
+    cast = copy.deepcopy(model)
+    n = store_frozen_weights_in(cast, torch.bfloat16)
+    assert (n == 0) == (method == "full")  # full fine-tuning has no frozen weights
+    results = []
+    for m in (model, cast):
+        torch.manual_seed(0)  # the same dropout masks
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = token_loss_sum(m, batch)
+        loss.backward()
+        results.append((loss.detach(), {k: p.grad for k, p in m.named_parameters() if p.requires_grad}))
+    assert torch.equal(results[0][0], results[1][0])
+    for k, g in results[0][1].items():
+        assert torch.equal(g, results[1][1][k]), k

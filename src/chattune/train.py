@@ -44,6 +44,29 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
+def store_frozen_weights_in(model, dtype: torch.dtype) -> int:
+    """Store frozen weights that only enter matrix products (``nn.Linear``, GPT-2's ``Conv1D``)
+    in the autocast dtype; returns how many. Autocast casts them to ``dtype`` at every use
+    anyway, and caches casts only for weights that require grad, so a frozen fp32 weight is
+    re-cast in every forward (~10% of a LoRA step on CPU, benchmarks/README.md). Stored in
+    ``dtype``, the arithmetic is the same and the casts are gone. Left alone: weights shared
+    with an embedding (tied LM heads: the lookup is not autocast) and DoRA's base weights
+    (their norm is computed outside the matmul)."""
+    from transformers.pytorch_utils import Conv1D
+
+    keep = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    for m in model.modules():
+        if any(getattr(m, "use_dora", {}).values()):
+            keep.add(id(m.get_base_layer().weight))
+    n = 0
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if isinstance(m, (torch.nn.Linear, Conv1D)) and not w.requires_grad and id(w) not in keep and w.dtype != dtype:
+            m.weight.data = w.data.to(dtype)
+            n += 1
+    return n
+
+
 def build_model(cfg: RunConfig, tokenizer):
     method = get_method(cfg.method.name)
     model = load_model(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code,
@@ -109,6 +132,8 @@ class Trainer:
         self.packing = resolve_packing(cfg, self.method)
         self.trainable, self.total = count_parameters(model)
         self.dtype = autocast_dtype(cfg.train.precision, self.acc.device)
+        if self.dtype is not None:
+            store_frozen_weights_in(model, self.dtype)
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.model = self.acc.prepare(model)

@@ -54,15 +54,25 @@ class PromptSettings:
             raise UserError("method.prompt.num_virtual_tokens must be >= 1")
 
 
+PREFIX_INIT_TEXT = "Answer the user's question helpfully."
+
+
 @dataclass
 class PrefixSettings:
     num_virtual_tokens: int = field(20, help="number of trainable key/value positions per layer")
+    init_text: str | None = field(PREFIX_INIT_TEXT, help="initialise the prefix with the keys and values the base model "
+                                  "computes for this text (Li & Liang 2021, sec. 7.2); None: PEFT's random init")
     prefix_projection: bool = field(False, help="reparameterise the prefix through a 2-layer MLP (Li & Liang 2021, sec. 4.3)")
     encoder_hidden_size: int = field(512, help="hidden size of the reparameterisation MLP")
 
     def __post_init__(self):
         if self.num_virtual_tokens < 1:
             raise UserError("method.prefix.num_virtual_tokens must be >= 1")
+        if self.prefix_projection and self.init_text is not None:
+            if self.init_text != PREFIX_INIT_TEXT:  # asked for explicitly: say it cannot be done
+                raise UserError("method.prefix.init_text needs prefix_projection=false: the projection's MLP "
+                                "outputs the prefix, so there is no key/value table to initialise")
+            self.init_text = None
 
 
 def _lora_config(model, cfg: LoraSettings, use_dora: bool) -> LoraConfig:
@@ -116,7 +126,30 @@ def apply_prompt(model, cfg: PromptSettings, tokenizer=None):
 def apply_prefix(model, cfg: PrefixSettings, tokenizer=None):
     config = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.num_virtual_tokens,
                                 prefix_projection=cfg.prefix_projection, encoder_hidden_size=cfg.encoder_hidden_size)
-    return _wrap(model, config)
+    init = _text_keys_values(model, tokenizer, cfg.init_text, cfg.num_virtual_tokens) if cfg.init_text and tokenizer else None
+    peft_model = _wrap(model, config)
+    if init is not None:
+        # PEFT's prefix table is (V, L * 2 * H * d), read as (V, L*2, H, d): key of layer l at
+        # 2l, value at 2l + 1. A random table makes every layer attend to noise at step 0 (the
+        # loss starts far above the base model's); real activations start where the base
+        # model with the text in front of the conversation is.
+        table = peft_model.prompt_encoder["default"].embedding.weight  # (V, L*2*H*d)
+        with torch.no_grad():
+            table.copy_(init.reshape(table.shape))
+    return peft_model
+
+
+@torch.no_grad()
+def _text_keys_values(model, tokenizer, text: str, n: int) -> torch.Tensor:
+    """The base model's keys and values for ``text`` repeated to ``n`` tokens: (n, L*2, H, d)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = (ids * (n // max(len(ids), 1) + 1))[:n]
+    was_training = model.training
+    model.eval()
+    cache = model(input_ids=torch.tensor([ids], device=model.device), use_cache=True).past_key_values
+    model.train(was_training)
+    per_layer = [torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]  # L x (2, H, n, d)
+    return torch.stack(per_layer).flatten(0, 1).permute(2, 0, 1, 3).contiguous()  # (n, L*2, H, d)
 
 
 def save_peft(model, directory: Path) -> None:
