@@ -109,13 +109,18 @@ def apply_ia3(model, cfg: IA3Settings, tokenizer=None):
     return _wrap(model, config)
 
 
+def _text_ids(tokenizer, text: str, n: int) -> list[int]:
+    """``text``'s token ids repeated to exactly ``n`` (the virtual tokens an init text fills)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return (ids * (n // max(len(ids), 1) + 1))[:n]
+
+
 def apply_prompt(model, cfg: PromptSettings, tokenizer=None):
     peft_model = _wrap(model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.num_virtual_tokens))
     if cfg.init_text and tokenizer is not None:
         # PEFT's own TEXT init re-loads the tokenizer by name; we already hold it, so do
         # the same thing directly: repeat the text's token embeddings to fill the prompt.
-        ids = tokenizer(cfg.init_text, add_special_tokens=False)["input_ids"]
-        ids = (ids * (cfg.num_virtual_tokens // max(len(ids), 1) + 1))[: cfg.num_virtual_tokens]
+        ids = _text_ids(tokenizer, cfg.init_text, cfg.num_virtual_tokens)
         embed = peft_model.get_input_embeddings()
         with torch.no_grad():
             init = embed(torch.tensor(ids, device=embed.weight.device)).detach().clone()
@@ -142,8 +147,7 @@ def apply_prefix(model, cfg: PrefixSettings, tokenizer=None):
 @torch.no_grad()
 def _text_keys_values(model, tokenizer, text: str, n: int) -> torch.Tensor:
     """The base model's keys and values for ``text`` repeated to ``n`` tokens: (n, L*2, H, d)."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    ids = (ids * (n // max(len(ids), 1) + 1))[:n]
+    ids = _text_ids(tokenizer, text, n)
     was_training = model.training
     model.eval()
     cache = model(input_ids=torch.tensor([ids], device=model.device), use_cache=True).past_key_values
