@@ -4,7 +4,9 @@ Same model, conversations, steps and LoRA settings as ``throughput.py`` (it reus
 selection and packing capacity); only chattune runs, once per variant, each in its own
 process. Variants:
 
-  default         packing, bfloat16 autocast, logits only at loss positions, no compile
+  default         packing (flat rows, attention per conversation), bfloat16 autocast, logits
+                  only at loss positions, no compile
+  mask-packing    packed rows padded to the longest, with a block-diagonal T x T attention mask
   no-packing      4 length-grouped rows padded to the longest (what packing saves)
   fp32            float32 instead of bfloat16 autocast
   full-logits     LM-head logits at every position, as HF models compute them
@@ -27,6 +29,7 @@ import throughput  # noqa: E402
 
 VARIANTS = {
     "default": ([], {}),
+    "mask-packing": (["train.packed_layout=mask"], {}),
     "no-packing": (["train.packing=false", "train.batch_size=4", "data.max_length=512"], {}),
     "fp32": (["train.precision=fp32"], {}),
     "full-logits": (["train.loss_logits=full"], {}),

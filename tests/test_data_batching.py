@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from chattune import attention
 from chattune.data import IGNORE_INDEX, DataConfig, batch_plan, collate, prepare
 from conftest import build_model
 
@@ -62,6 +63,18 @@ def test_collate_packed_layout():
         collate(samples, 0, packing=True)
 
 
+def test_collate_flat_layout():
+    samples = [{"input_ids": [1, 2, 3], "labels": [IGNORE_INDEX, 2, 3]}, {"input_ids": [4, 5], "labels": [IGNORE_INDEX, 5]},
+               {"input_ids": [6], "labels": [IGNORE_INDEX]}]
+    batch = collate(samples, 0, packing=True, bins=[[0, 1], [2]], flat=True)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6]]  # no padding
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 2, 3, IGNORE_INDEX, 5, IGNORE_INDEX]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0]]
+    assert batch["attention_mask"].tolist() == [[1] * 6]
+    assert batch["cu_seq_lens_q"].tolist() == batch["cu_seq_lens_k"].tolist() == [0, 3, 5, 6]
+    assert batch["max_length_q"] == batch["max_length_k"] == 3
+
+
 def token_losses(model, batch) -> torch.Tensor:
     """Cross-entropy of every loss-bearing token, in row order."""
     labels = batch.pop("labels")
@@ -89,3 +102,43 @@ def test_packed_losses_equal_unpacked(tiny_tokenizer, arch, attn):
     assert packed.shape == alone.shape == padded.shape
     torch.testing.assert_close(packed, alone, atol=1e-5, rtol=0)
     torch.testing.assert_close(padded, alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_flat_packed_losses_and_gradients_equal_unpacked(tiny_tokenizer, arch):
+    """One flat row with attention per conversation (chattune.attention) gives each
+    conversation's own losses, and the same gradients as running them one by one."""
+    data = prepare(DataConfig(max_length=96), tiny_tokenizer)
+    samples = data.splits["train"][:12]
+    model = build_model(arch, len(tiny_tokenizer), attention.NAME)
+    plan = batch_plan([len(s["input_ids"]) for s in samples], 3, packing=True, max_length=192, seed=0, epoch=0)
+    mb = max(plan, key=len)
+    chosen = [samples[i] for i in mb]
+    ordered = [chosen[j] for row in mb.bins for j in row]
+    pad = tiny_tokenizer.pad_token_id
+
+    def losses_and_grad(batches):
+        model.zero_grad()
+        losses = []
+        for batch in batches:
+            batch = dict(batch)
+            labels = batch.pop("labels")
+            logits = model(**batch).logits.float()
+            step = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX,
+                                   reduction="none")
+            losses.append(step[labels[:, 1:] != IGNORE_INDEX])
+            step.sum().backward()
+        grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        return torch.cat(losses).detach(), grad
+
+    flat_batch = collate(chosen, pad, packing=True, bins=mb.bins, flat=True)
+    assert flat_batch["input_ids"].shape == (1, sum(len(s["input_ids"]) for s in chosen))
+    assert len(flat_batch["cu_seq_lens_q"]) == len(chosen) + 1 >= 4
+    flat, flat_grad = losses_and_grad([flat_batch])
+    alone, alone_grad = losses_and_grad([collate([s], pad, packing=False) for s in ordered])
+    torch.testing.assert_close(flat, alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(flat_grad, alone_grad, atol=1e-5, rtol=1e-4)
+    # without the varlen kwargs the same function is plain sdpa: the row is one sequence
+    flat_batch.pop("cu_seq_lens_q")
+    crossed, _ = losses_and_grad([flat_batch])
+    assert not torch.allclose(crossed, alone, atol=1e-3)

@@ -6,6 +6,13 @@ dominates activation memory. ``selected_logits`` puts a forward pre-hook on the 
 so it projects only the hidden states whose next token carries a loss: (N, C) -> (N, V).
 It works unchanged for every method, PEFT wrappers included: prompt tuning's virtual
 tokens are recognised as extra leading positions and skipped.
+
+``cross_entropy`` is written here because torch's, given bfloat16 logits, either computes
+the log-softmax in bfloat16 or needs a float32 copy of the (N, V) logits, a float32
+log-softmax kept for backward, a zero-filled (N, V) gradient and a cast back: on a 2-core
+CPU ~20% of a LoRA step on SmolLM2 (benchmarks/README.md). It reads the logits in row
+chunks, in float32, keeps only their log-sum-exp, and writes the gradient
+``softmax - onehot`` directly in the logits' dtype: the same float32 arithmetic, fewer passes.
 """
 
 from __future__ import annotations
@@ -50,6 +57,36 @@ def model_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
+class _CrossEntropy(torch.autograd.Function):
+    CHUNK = 64  # rows per pass: 64 x 49k float32 is 12.6 MB, cache-sized
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)  # (N,)
+        for a in range(0, logits.shape[0], _CrossEntropy.CHUNK):
+            lse[a:a + _CrossEntropy.CHUNK] = torch.logsumexp(logits[a:a + _CrossEntropy.CHUNK].float(), dim=-1)
+        ctx.save_for_backward(logits, targets, lse)
+        return lse - logits.gather(1, targets[:, None])[:, 0].float()  # (N,)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, targets, lse = ctx.saved_tensors
+        out = torch.empty_like(logits)  # (N, V)
+        for a in range(0, logits.shape[0], _CrossEntropy.CHUNK):
+            b = min(a + _CrossEntropy.CHUNK, logits.shape[0])
+            p = (logits[a:b].float() - lse[a:b, None]).exp_()  # softmax (n, V), never in place on logits
+            p[torch.arange(b - a, device=p.device), targets[a:b]] -= 1
+            out[a:b] = p.mul_(grad[a:b, None].float())
+        return out, None
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-row cross-entropy (N,) float32 of (N, V) logits against (N,) valid targets."""
+    if logits.shape[0] == 0:
+        return logits.new_zeros(0, dtype=torch.float32)
+    return _CrossEntropy.apply(logits, targets)
+
+
 def token_losses(model, batch: dict, targets: torch.Tensor, full_logits: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token cross-entropy (N,) at the positions of ``keep = targets != IGNORE_INDEX`` (B, T).
@@ -61,7 +98,7 @@ def token_losses(model, batch: dict, targets: torch.Tensor, full_logits: bool = 
     else:
         with selected_logits(model, keep):
             logits = model(**model_inputs(batch), use_cache=False).logits  # (N, V)
-    return F.cross_entropy(logits.float(), targets[keep], reduction="none"), keep
+    return cross_entropy(logits, targets[keep]), keep
 
 
 def token_loss_sum(model, batch: dict, targets: torch.Tensor | None = None, full_logits: bool = False

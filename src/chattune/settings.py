@@ -60,6 +60,10 @@ class TrainArgs:
     grad_accum: int = field(1, help="micro-batches accumulated per optimiser step")
     max_grad_norm: float = field(1.0, help="gradient clipping norm (0 disables)")
     packing: bool | None = field(None, help="pack several conversations per row (default: on where the method supports it)")
+    packed_layout: Literal["auto", "flat", "mask"] = field(
+        "auto", help="how packed conversations reach attention. flat: one row without padding, attention run per "
+                     "conversation (sdpa, flash-attention); mask: padded rows with a block-diagonal mask (any "
+                     "kernel, eager included; measured slower, see benchmarks/levers.py); auto: flat unless eager")
     precision: Literal["auto", "bf16", "fp32"] = field("auto", help="auto: bfloat16 autocast where supported (CPU included), else fp32")
     seed: int = field(0, help="seed for data order, initialisation and dropout")
     loss_logits: Literal["selected", "full"] = field(

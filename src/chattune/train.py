@@ -23,6 +23,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from chattune import attention
 from chattune import checkpoint as ckpt
 from chattune.config import save_yaml
 from chattune.data import batch_plan, collate, prepare
@@ -67,12 +68,26 @@ def store_frozen_weights_in(model, dtype: torch.dtype) -> int:
     return n
 
 
-def build_model(cfg: RunConfig, tokenizer):
+def build_model(cfg: RunConfig, tokenizer, attn_implementation: str | None = None):
     method = get_method(cfg.method.name)
     model = load_model(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code,
-                       attn_implementation=cfg.model.attn_implementation)
+                       attn_implementation=attn_implementation or cfg.model.attn_implementation)
     model = method.apply(model, cfg.method.settings(), tokenizer)
     return model, method
+
+
+VARLEN_KERNELS = ("flash_attention_2", "flash_attention_3")  # read cu_seq_lens natively
+
+
+def packed_attention(cfg: RunConfig, packing: bool) -> tuple[str, bool]:
+    """The attention implementation to load and whether packed rows go flat (``collate(flat=True)``)."""
+    attn, layout = cfg.model.attn_implementation, cfg.train.packed_layout
+    flat_ok = attn == "sdpa" or attn in VARLEN_KERNELS
+    if layout == "flat" and not flat_ok:
+        raise UserError(f"train.packed_layout=flat needs model.attn_implementation sdpa or flash_attention_2/3, "
+                        f"not {attn}; use train.packed_layout=mask")
+    flat = packing and flat_ok and layout != "mask"
+    return (attention.NAME if flat and attn == "sdpa" else attn), flat
 
 
 def check_positions(cfg: RunConfig, model) -> None:
@@ -127,9 +142,10 @@ class Trainer:
         self.data = prepare(cfg.data, self.tokenizer)
         if not self.data.splits["train"]:
             raise UserError("no training samples left after selection; see `chattune data` for the drop reasons")
-        model, self.method = build_model(cfg, self.tokenizer)
+        self.packing = resolve_packing(cfg, get_method(cfg.method.name))
+        attn, self.flat = packed_attention(cfg, self.packing)
+        model, self.method = build_model(cfg, self.tokenizer, attn)
         check_positions(cfg, model)
-        self.packing = resolve_packing(cfg, self.method)
         self.trainable, self.total = count_parameters(model)
         self.dtype = autocast_dtype(cfg.train.precision, self.acc.device)
         if self.dtype is not None:
@@ -221,7 +237,7 @@ class Trainer:
         samples = self.plan.samples
         mask_dtype = self.dtype or torch.float32  # sdpa wants the additive mask in the compute dtype
         batches = [collate([samples[i] for i in mb], self.tokenizer.pad_token_id, packing=self.packing, bins=mb.bins,
-                           mask_dtype=mask_dtype) for mb in group]
+                           mask_dtype=mask_dtype, flat=self.flat) for mb in group]
         # Normaliser: loss tokens of the whole accumulated batch over all processes, which
         # every process knows from the shared plan: no all-reduce needed.
         n_group = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
@@ -235,7 +251,7 @@ class Trainer:
         loss_sum = 0.0
         self.model.train()
         for i, batch in enumerate(mine):
-            batch = {k: v.to(self.acc.device) for k, v in batch.items()}
+            batch = {k: v.to(self.acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             sync = self.acc.no_sync(self.model) if i < len(mine) - 1 else _null()
             with sync, torch.autocast(self.acc.device.type, dtype=self.dtype or torch.float32,
                                       enabled=self.dtype is not None):

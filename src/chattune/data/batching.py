@@ -1,8 +1,15 @@
 """Micro-batch plans and collation: dynamic padding with length grouping, or packing.
 
 Packing puts several conversations in one row. Each restarts its position ids at 0 and
-gets a block-diagonal causal attention mask, so it sees only itself: the per-token
-losses equal those of the conversations run one by one (tests/test_data_batching.py).
+sees only itself: the per-token losses equal those of the conversations run one by one
+(tests/test_data_batching.py). Two layouts say "only itself" to the model:
+
+- ``flat=True`` (the default for sdpa and flash-attention): the micro-batch's rows are
+  concatenated into one row without padding, and ``cu_seq_lens_q``/``_k`` (the varlen
+  kwargs of flash-attention) mark where each conversation starts; attention then runs
+  per conversation (``chattune.attention``).
+- ``flat=False``: rows padded to the longest, with a block-diagonal 4D mask, which
+  every attention implementation, eager included, understands.
 
 Mask convention, read from transformers 5.24 ``masking_utils``: a 4D ``attention_mask``
 is passed to the attention kernel as-is. sdpa accepts a boolean or an additive float
@@ -108,7 +115,7 @@ def _with_bins(rows: list[list[int]]) -> MicroBatch:
 
 
 def collate(samples: list[dict], pad_id: int, *, packing: bool, bins: list[list[int]] | None = None,
-            mask_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+            mask_dtype: torch.dtype = torch.float32, flat: bool = False) -> dict:
     """Tensors for ``model(**batch)``; ``labels`` stay in the dict for the loss.
 
     Padding goes by position, never by token id, so an EOS label survives when pad == eos
@@ -120,10 +127,13 @@ def collate(samples: list[dict], pad_id: int, *, packing: bool, bins: list[list[
         packing: pack the samples into rows as ``bins`` says.
         bins: with packing, positions into ``samples`` per row (``MicroBatch.bins``).
         mask_dtype: dtype of the additive 4D mask when packing: the model weights' dtype.
+        flat: with packing, one flat row and varlen kwargs instead of padded rows and a 4D mask.
 
     Returns:
         Not packing: ``input_ids``, ``attention_mask`` (B, T) and ``labels``. Packing:
-        ``input_ids``, ``labels``, ``position_ids`` (B, T) and ``attention_mask`` (B, 1, T, T).
+        ``input_ids``, ``labels``, ``position_ids`` (B, T) and ``attention_mask`` (B, 1, T, T);
+        flat: ``input_ids``, ``labels``, ``position_ids``, ``attention_mask`` (all ones) (1, N)
+        and ``cu_seq_lens_q``/``_k`` (S + 1,), ``max_length_q``/``_k`` (ints).
     """
     if not packing:
         width = max(len(s["input_ids"]) for s in samples)
@@ -138,7 +148,27 @@ def collate(samples: list[dict], pad_id: int, *, packing: bool, bins: list[list[
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
     if bins is None:
         raise ValueError("collate(packing=True) needs bins=micro_batch.bins from batch_plan")
+    if flat:
+        return _collate_flat([samples[j] for row in bins for j in row])
     return _collate_packed([[samples[j] for j in row] for row in bins], pad_id, mask_dtype)
+
+
+def _collate_flat(samples: list[dict]) -> dict:
+    ids = torch.tensor([t for s in samples for t in s["input_ids"]])[None]  # (1, N)
+    labels = torch.tensor([t for s in samples for t in s["labels"]])[None]
+    lengths = [len(s["input_ids"]) for s in samples]
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    # An all-ones 2D mask (not None): transformers would otherwise rebuild a (N, N) block
+    # mask from the position ids for sdpa, the work the varlen kwargs avoid.
+    return {"input_ids": ids, "labels": labels, "position_ids": positions, "attention_mask": torch.ones_like(ids),
+            **varlen_kwargs(lengths)}
+
+
+def varlen_kwargs(lengths: list[int]) -> dict:
+    """flash-attention's varlen kwargs for a flat row of conversations of ``lengths`` tokens."""
+    bounds = torch.tensor([0, *lengths]).cumsum(0, dtype=torch.int32)  # (S + 1,)
+    return {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": max(lengths),
+            "max_length_k": max(lengths)}
 
 
 def _collate_packed(rows: list[list[dict]], pad_id: int, mask_dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -1,0 +1,59 @@
+"""Attention over packed rows, one conversation at a time.
+
+A packed batch is one flat row of conversations with no padding (padding-free packing, as
+flash-attention's varlen kernels take it): ``cu_seq_lens_q`` holds where each conversation
+starts, ``position_ids`` restart at 0 in each. With flash-attention (CUDA) transformers
+reads those kwargs natively. torch's sdpa has no varlen kernel, and a block-diagonal T x T
+mask makes its CPU kernel compute every masked-out block too: with four conversations a
+row, ~8x the attention work of causal attention per conversation, and a (T, T) mask in
+memory (benchmarks/README.md profiles it: 23% of a LoRA step). So this module registers an
+attention function, ``chattune_sdpa``, with transformers' ``AttentionInterface``: given
+``cu_seq_lens_q`` it runs causal sdpa on each conversation's slice of the row (a short
+Python loop per layer; its kernel skips the upper triangle), otherwise it is transformers'
+own sdpa (generation, padded batches). Its mask function is sdpa's, so everything but
+packed training is unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+NAME = "chattune_sdpa"
+
+
+def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                      cu_seq_lens_q: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """sdpa per conversation of a flat packed row; transformers' sdpa without ``cu_seq_lens_q``."""
+    if cu_seq_lens_q is None or query.shape[2] == 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    if query.shape[0] != 1 or key.shape[2] != query.shape[2]:
+        raise ValueError(f"packed attention wants one flat row and no cache; got query {tuple(query.shape)}, "
+                         f"key {tuple(key.shape)}")
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # (1, H, N, D)
+    bounds = cu_seq_lens_q.tolist()
+    if bounds[0] != 0 or bounds[-1] != query.shape[2]:
+        raise ValueError(f"cu_seq_lens_q {bounds[0]}..{bounds[-1]} does not cover the row of {query.shape[2]} tokens")
+    dtype = value.dtype  # under autocast RoPE leaves query and key in float32, value in bfloat16
+    if query.device.type == "cpu":
+        # torch's CPU flash kernel runs float32 ~2x faster than bfloat16 on these short
+        # causal blocks (forward + backward, 9 heads x 64, 150 tokens: 1.6 vs 3.5 ms;
+        # benchmarks/README.md), and float32 is the more exact of the two.
+        query, key, value = query.float(), key.float(), value.float()
+    with torch.autocast(query.device.type, enabled=False):
+        parts = [F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True,
+                                                dropout_p=dropout, scale=scaling)  # (1, H, n, D)
+                 for a, b in zip(bounds, bounds[1:]) if b > a]
+    out = torch.cat(parts, dim=2).to(dtype)  # (1, H, N, D)
+    return out.transpose(1, 2).contiguous(), None  # (1, N, H, D), as transformers' kernels return
+
+
+AttentionInterface.register(NAME, segment_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+
