@@ -30,7 +30,7 @@ def shift_targets(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
-def _unwrap(model):
+def unwrap(model):
     return model.module if hasattr(model, "module") and not hasattr(model, "get_output_embeddings") else model
 
 
@@ -46,7 +46,7 @@ def selected_logits(model, keep: torch.Tensor):
             mask = F.pad(mask, (extra, 0), value=False)
         return (hidden[mask],)  # (N, C)
 
-    handle = _unwrap(model).get_output_embeddings().register_forward_pre_hook(pre_hook)
+    handle = unwrap(model).get_output_embeddings().register_forward_pre_hook(pre_hook)
     try:
         yield
     finally:
