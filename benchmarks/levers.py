@@ -68,7 +68,8 @@ def main() -> None:
         throughput.log(f"{args.model}: chattune {name} ...")
         (work / name).mkdir()
         try:
-            r = throughput.run_chattune(spec, work / name, sets)
+            run_spec = {**spec, "adapters": {"chattune": str(work / name / "chattune-run" / "adapter")}}
+            r = throughput.run_chattune(run_spec, work / name, sets)
         finally:
             throughput.CHILD_ENV.clear()
             throughput.CHILD_ENV.update(saved)

@@ -31,6 +31,7 @@ import math
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -187,13 +188,26 @@ def steady(tokens: list[int], loss_tokens: list[int], seconds: list[float]) -> d
     t = sum(seconds[skip:])
     return {"steps": len(seconds), "tokens": sum(tokens), "loss_tokens": sum(loss_tokens),
             "tokens_per_s": sum(tokens[skip:]) / t, "loss_tokens_per_s": sum(loss_tokens[skip:]) / t,
-            "first_step_s": seconds[0], "step_s": t / len(seconds[skip:])}
+            "first_step_s": seconds[0], "step_s": t / len(seconds[skip:]),
+            "steady": [sum(tokens[skip:]), sum(loss_tokens[skip:]), t]}
+
+
+def pooled(runs: list[dict]) -> dict:
+    """One system's figures over its runs (one per training seed): rates over all their steady
+    steps, the first run's totals, the highest peak memory."""
+    tokens, loss_tokens, seconds = (sum(r["steady"][i] for r in runs) for i in range(3))
+    return {**runs[0], "runs": len(runs), "tokens_per_s": tokens / seconds, "loss_tokens_per_s": loss_tokens / seconds,
+            "step_s": sum(r["step_s"] for r in runs) / len(runs),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+            "peak_gpu_mb": None if runs[0]["peak_gpu_mb"] is None else max(r["peak_gpu_mb"] for r in runs)}
 
 
 def run_hf_system(system: str, spec: dict, work: Path) -> dict:
-    out = work / f"{system}.json"
-    rss = run_child([sys.executable, str(Path(_systems.__file__)), system, str(work / "spec.json"), str(out)],
-                    work / f"{system}.log", spec["gpu"])
+    out = work / f"{system}-{spec['seed']}.json"
+    spec_path = work / f"spec-{system}-{spec['seed']}.json"
+    spec_path.write_text(json.dumps(spec, indent=1))
+    rss = run_child([sys.executable, str(Path(_systems.__file__)), system, str(spec_path), str(out)],
+                    work / f"{system}-{spec['seed']}.log", spec["gpu"])
     r = json.loads(out.read_text())
     ends = [r["t0"], *r["step_end"]]
     figures = steady(r["tokens"], r["loss_tokens"], [b - a for a, b in zip(ends, ends[1:])])
@@ -214,9 +228,9 @@ def chattune_cmd(spec: dict, run_dir: Path, overrides: list[str]) -> list[str]:
 
 
 def run_chattune(spec: dict, work: Path, overrides: list[str]) -> dict:
-    run_dir = work / "chattune-run"
+    run_dir = Path(spec["adapters"]["chattune"]).parent
     shutil.rmtree(run_dir, ignore_errors=True)  # chattune refuses to overwrite a run; a reused --work-dir holds one
-    rss = run_child(chattune_cmd(spec, run_dir, overrides), work / "chattune.log", spec["gpu"])
+    rss = run_child(chattune_cmd(spec, run_dir, overrides), work / f"chattune-{spec['seed']}.log", spec["gpu"])
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if "tokens_per_s" in r]  # log_every=1: one window per step
     tokens, loss_tokens, seconds, seen, seen_loss = [], [], [], 0, 0
@@ -244,31 +258,40 @@ def bench_model(name: str, directory: Path, args, work: Path, peaks: dict) -> di
     spec = {"model_dir": str(directory), "train_file": str(work / "train.jsonl"), "val_file": str(work / "val.jsonl"),
             "steps": args.steps, "pack_length": pack_length(data["train_lengths"], args.steps), "seed": args.seed,
             "gpu": args.gpu, "work": str(work), "trl": {**TRL_SETTINGS, **parse_sets(args.trl_set)},
-            "adapters": {s: str(work / f"{s}-adapter") for s in ("seed", "trl")}, "gen_tokens": args.gen_tokens,
-            "gen_prompt": GEN_PROMPT, **LORA}
-    spec["adapters"]["chattune"] = str(work / "chattune-run" / "adapter")
-    (work / "spec.json").write_text(json.dumps(spec, indent=1))
-    systems = {}
+            "gen_tokens": args.gen_tokens, "gen_prompt": GEN_PROMPT, **LORA}
+    # The seed recipe trains once (its own lr; far behind either way); TRL and chattune once per
+    # training seed (--seeds), so that their validation losses can be told from seed noise.
+    seeds = {system: [args.seed + i for i in range(1 if system == "seed" else args.seeds)] for system in SYSTEMS}
+    adapters = {(system, seed): str(work / (f"chattune-run-{seed}/adapter" if system == "chattune"
+                                            else f"{system}-adapter-{seed}"))
+                for system in SYSTEMS for seed in seeds[system]}
+    runs = {system: [] for system in SYSTEMS}
     for system in SYSTEMS:
-        log(f"{name}: training {system} for {args.steps} steps ...")
-        start = time.perf_counter()
-        systems[system] = (run_chattune(spec, work, args.chattune_set) if system == "chattune"
-                           else run_hf_system(system, spec, work))
-        log(f"{name}: {system} done in {time.perf_counter() - start:.0f}s, "
-            f"{systems[system]['tokens_per_s']:.0f} tokens/s")
+        for seed in seeds[system]:
+            log(f"{name}: training {system} for {args.steps} steps (seed {seed}) ...")
+            start = time.perf_counter()
+            run_spec = {**spec, "seed": seed, "adapters": {system: adapters[system, seed]}}
+            runs[system].append(run_chattune(run_spec, work, args.chattune_set) if system == "chattune"
+                                else run_hf_system(system, run_spec, work))
+            log(f"{name}: {system} done in {time.perf_counter() - start:.0f}s, "
+                f"{runs[system][-1]['tokens_per_s']:.0f} tokens/s")
+    systems = {system: pooled(r) for system, r in runs.items()}
     log(f"{name}: validation loss{' and generation speed' if args.gen_tokens else ''} ...")
+    spec["adapters"] = {f"{system}@{seed}": path for (system, seed), path in adapters.items()}
+    (work / "spec.json").write_text(json.dumps(spec, indent=1))
     run_child([sys.executable, str(Path(_systems.__file__)), "evaluate", str(work / "spec.json"), str(work / "eval.json")],
               work / "evaluate.log", args.gpu)
     evaluation = json.loads((work / "eval.json").read_text())
     params = count_params(directory)
     for system, s in systems.items():
-        s["val_loss"] = evaluation["val_loss"][system]
+        s["val_losses"] = [evaluation["val_loss"][f"{system}@{seed}"] for seed in seeds[system]]
+        s["val_loss"] = statistics.fmean(s["val_losses"])
         s["seconds_per_epoch"] = data["epoch_tokens"] / s["tokens_per_s"]
         # LoRA: forward 2 and input-gradients 2 FLOPs per parameter per token; no weight gradients
         s["gflops"] = 4 * params * s["tokens_per_s"] / 1e9
         s["peak_share"] = s["gflops"] * 1e9 / peaks[s["precision"]] if s["precision"] in peaks else None
     ratio = {other: systems["chattune"]["tokens_per_s"] / systems[other]["tokens_per_s"] for other in ("seed", "trl")}
-    return {"model": name, "params": params, "steps": args.steps, "conversations": len(data["train"]),
+    return {"model": name, "params": params, "steps": args.steps, "seeds": seeds["trl"], "conversations": len(data["train"]),
             "pack_length": spec["pack_length"], "val_conversations": len(data["val"]),
             "val_answer_tokens": evaluation["val_answer_tokens"], "epoch_conversations": data["epoch_conversations"],
             "epoch_tokens": data["epoch_tokens"], "systems": systems, "base_val_loss": evaluation["val_loss"]["base"],
@@ -333,7 +356,10 @@ def parse_args(argv=None):
     p.add_argument("--val", type=int, help="held-out conversations for the validation loss (default 48; --quick 4)")
     p.add_argument("--gen-tokens", type=int, help="new tokens per generation timing; 0 skips it (default 32; --quick 8)")
     p.add_argument("--gpu", action="store_true", help="run on CUDA (the seed then uses fp16, as its notebook did)")
-    p.add_argument("--seed", type=int, default=0, help="data order and initialisation seed")
+    p.add_argument("--seed", type=int, default=0, help="data selection seed, and the first training seed")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="train TRL and chattune with this many seeds (--seed, --seed+1, ...): rates pooled over "
+                        "all runs, validation loss as mean and spread (default 1)")
     p.add_argument("--work-dir", type=Path, help="keep logs, specs and adapters here (default: a temp dir)")
     p.add_argument("--trl-set", action="append", default=[], metavar="KEY=VALUE", help="override an SFTConfig field")
     p.add_argument("--chattune-set", action="append", default=[], metavar="KEY=VALUE",
@@ -346,8 +372,8 @@ def parse_args(argv=None):
     args.steps = args.steps or (3 if args.quick else 20)
     args.val = args.val if args.val is not None else (4 if args.quick else 48)
     args.gen_tokens = args.gen_tokens if args.gen_tokens is not None else (8 if args.quick else 32)
-    if args.steps < 1 or args.val < 1:
-        p.error("--steps and --val must be positive")
+    if args.steps < 1 or args.val < 1 or args.seeds < 1:
+        p.error("--steps, --val and --seeds must be positive")
     if args.gpu and not torch.cuda.is_available():
         p.error("--gpu: no CUDA device is visible")
     if not args.data.is_file():
@@ -380,7 +406,7 @@ def main(argv=None) -> dict:
     first = next(iter(results.values()))
     out = {"model": first["model"], **{k: v for k, v in summary_of(first).items()
                                        if k in ("vs_seed", "vs_trl", "peak_rss_mb", "val_loss")},
-           "steps": args.steps, "quick": args.quick, "env": bench_env, "machine": machine,
+           "steps": args.steps, "seeds": args.seeds, "quick": args.quick, "env": bench_env, "machine": machine,
            "torch_threads": machine["torch_threads"], "work_dir": str(work), "models": {name: summary_of(r) for name, r in results.items()}}
     print(json.dumps(out), flush=True)
     return out

@@ -29,7 +29,7 @@ def test_quick_bench_prints_the_table_and_one_json_line(tmp_path):
     model = save_tiny(tmp_path / "tiny-gpt2", "gpt2")
     data = write_conversations(tmp_path / "conversations.jsonl")
     cmd = [sys.executable, "benchmarks/throughput.py", "--model-dir", str(model), "--data", str(data), "--quick",
-           "--steps", "2", "--val", "2", "--gen-tokens", "2", "--work-dir", str(tmp_path / "work")]
+           "--steps", "2", "--val", "2", "--gen-tokens", "2", "--seeds", "2", "--work-dir", str(tmp_path / "work")]
     # one thread: a tiny model gains nothing from two, and on a shared CPU it waits less
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
@@ -46,8 +46,14 @@ def test_quick_bench_prints_the_table_and_one_json_line(tmp_path):
     for key in ("peak_rss_mb", "val_loss"):
         assert set(result[key]) == SYSTEMS
         assert all(math.isfinite(v) and v > 0 for v in result[key].values())
-    assert result["steps"] == 2 and result["model"] == "tiny-gpt2"
+    assert result["steps"] == 2 and result["seeds"] == 2 and result["model"] == "tiny-gpt2"
     figures = result["models"]["tiny-gpt2"]
+    # TRL and chattune trained once per seed, the seed recipe once; val_loss is their mean
+    assert [len(figures["val_losses"][k]) for k in ("seed", "trl", "chattune")] == [1, 2, 2]
+    assert figures["val_losses"]["chattune"][0] != figures["val_losses"]["chattune"][1]
+    assert math.isclose(result["val_loss"]["trl"], sum(figures["val_losses"]["trl"]) / 2)
+    assert math.isfinite(figures["val_gap_chattune_trl"]["standard_error"])
+    assert any(line.startswith("val loss over training seeds 0..1") for line in lines)
     assert figures["precision"] == {"seed": "fp32", "trl": "bf16", "chattune": "bf16"}
     # every system trained on the same 8 conversations; the seed's texts carry no EOS
     assert figures["tokens"]["seed"] == figures["tokens"]["chattune"] - 8
