@@ -74,7 +74,8 @@ class _CrossEntropy(torch.autograd.Function):
         out = torch.empty_like(logits)  # (N, V)
         for a in range(0, logits.shape[0], _CrossEntropy.CHUNK):
             b = min(a + _CrossEntropy.CHUNK, logits.shape[0])
-            p = (logits[a:b].float() - lse[a:b, None]).exp_()  # softmax (n, V), never in place on logits
+            # softmax (n, V) in a float32 copy (copy=True: never in place on float32 logits)
+            p = logits[a:b].to(torch.float32, copy=True).sub_(lse[a:b, None]).exp_()
             p[torch.arange(b - a, device=p.device), targets[a:b]] -= 1
             out[a:b] = p.mul_(grad[a:b, None].float())
         return out, None
