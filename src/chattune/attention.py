@@ -42,9 +42,10 @@ def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         raise ValueError(f"cu_seq_lens_q {bounds[0]}..{bounds[-1]} does not cover the row of {query.shape[2]} tokens")
     dtype = value.dtype  # under autocast RoPE leaves query and key in float32, value in bfloat16
     if query.device.type == "cpu":
-        # torch's CPU flash kernel runs float32 ~2x faster than bfloat16 on these short
-        # causal blocks (forward + backward, 9 heads x 64, 150 tokens: 1.6 vs 3.5 ms;
-        # benchmarks/README.md), and float32 is the more exact of the two.
+        # torch's CPU flash kernel, forward + backward at 9 heads x 64, runs float32 2.4-3.4x
+        # faster than bfloat16 at 64-150 tokens, as fast at 300, 7% slower at 600
+        # (benchmarks/kernels.py); conversations are mostly 100-300 tokens, and float32 is
+        # the more exact of the two.
         query, key, value = query.float(), key.float(), value.float()
     with torch.autocast(query.device.type, enabled=False):
         parts = [F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True,
