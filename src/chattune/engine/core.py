@@ -1,0 +1,315 @@
+"""The decoding engine: batched, KV-cached, continuously batched decoding for every method.
+
+eval, chat, compare and serve all decode through ``Engine``; there is no other decoding
+loop in chattune.
+
+Why not ``model.generate``: it takes one sampling setting and one stop rule per batch,
+keeps finished rows in the batch until the longest answer ends, and with PEFT prompt and
+prefix tuning it numbers positions differently with and without the cache (the virtual
+tokens are not counted consistently in transformers 5), so greedy answers changed with
+``use_cache``. transformers' own continuous batching (``generate_batch``) does not run
+PEFT prompt or prefix models and has no per-request stop strings or streaming callback.
+
+How a row is decoded:
+- Prefill: the prompt goes through the *method's own* forward (PEFT's, with its virtual
+  tokens or key/value prefix), exactly as in training, one request at a time. Its cache
+  then holds ``n`` positions, virtual ones included.
+- Decode: the rows of one variant share a cache, left-padded to a common length ``L``.
+  Each step feeds every row its last token at position ``n_i`` (its own cache length,
+  which counts virtual tokens the way training did) with a mask that hides the padding.
+- Continuous batching: a finished row leaves between steps (its cache rows are dropped
+  and the common padding trimmed) and a waiting request is prefilled into the free slot.
+Rows that use different variants (tuned, base, another run) have a cache each and one
+forward each per step, under the variant's context (e.g. PEFT's ``disable_adapter``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, ContextManager
+
+import torch
+
+from chattune.engine.sampling import DEFAULTS, SamplingParams, choose, penalise
+from chattune.engine.text import TextTracker
+from chattune.errors import UserError
+
+
+@dataclass
+class Variant:
+    """One way to run the loaded weights: the tuned run, the base, another adapter.
+
+    ``model`` is called for prefill (its own forward adds virtual tokens or prefixes);
+    decode steps call ``model.get_base_model()`` where it exists, under ``context()``.
+    """
+
+    model: torch.nn.Module
+    context: Callable[[], ContextManager] = contextlib.nullcontext
+    virtual_tokens: int = 0  # cache positions the method adds in front of every prompt
+
+    @property
+    def inner(self) -> torch.nn.Module:
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    max_new_tokens: int = 512
+    sampling: SamplingParams = DEFAULTS
+    variant: str = "tuned"
+    stop: list[str] = field(default_factory=list)
+    on_text: Callable[[str], None] | None = None  # streamed text deltas (stop strings held back)
+    tag: object = None  # the caller's own id, returned with the answer
+
+
+@dataclass
+class Answer:
+    tag: object
+    text: str
+    token_ids: list[int]  # generated tokens, EOS excluded
+    finish_reason: str  # "eos" | "stop" (a stop string) | "length" | "cancelled"
+    prompt_tokens: int
+    seconds: float = 0.0
+    request: Request | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def stopped(self) -> bool:
+        """Ended by the model itself with EOS."""
+        return self.finish_reason == "eos"
+
+
+class PromptTooLong(UserError):
+    pass
+
+
+@dataclass
+class _Row:
+    req: Request
+    text: TextTracker
+    generator: torch.Generator | None
+    length: int  # cache positions of this row (virtual tokens + prompt + fed answer tokens)
+    last: int  # token to feed at the next step
+    budget: int
+    started: float
+    tokens: list[int] = field(default_factory=list)
+    done: str | None = None
+    cancelled: bool = False
+
+
+class _Lane:
+    """The rows of one variant and their shared, left-padded cache."""
+
+    def __init__(self):
+        self.rows: list[_Row] = []
+        self.cache = None  # transformers DynamicCache, (B, H, L, d) per layer
+        self.seen: torch.Tensor | None = None  # (B, V) generated tokens, for the repetition penalty
+
+    @property
+    def width(self) -> int:
+        return self.cache.layers[0].keys.shape[-2] if self.rows else 0
+
+    def add(self, row: _Row, cache, seen: torch.Tensor) -> None:
+        if not self.rows:
+            self.rows, self.cache, self.seen = [row], cache, seen
+            return
+        width = max(self.width, row.length)
+        for mine, theirs in zip(self.cache.layers, cache.layers):
+            mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
+            mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)])
+        self.rows.append(row)
+        self.seen = torch.cat([self.seen, seen])
+
+    def drop(self, keep: list[int]) -> None:
+        self.rows = [self.rows[i] for i in keep]
+        if not self.rows:
+            self.cache = self.seen = None
+            return
+        index = torch.tensor(keep, device=self.seen.device)
+        trim = self.width - max(r.length for r in self.rows)  # columns that are padding in every row
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, trim:]
+            layer.values = layer.values.index_select(0, index)[:, :, trim:]
+        self.seen = self.seen.index_select(0, index)
+
+
+def _left_pad(x: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(x, (0, 0, width - x.shape[-2], 0)) if x.shape[-2] < width else x
+
+
+class Engine:
+    """Decode many requests at once with continuous batching.
+
+    Args:
+        variants: name -> ``Variant``; a request picks one by ``Request.variant``.
+        tokenizer: turns answer tokens into text (stop strings, streaming).
+        eos_id: the token that ends an answer.
+        max_batch: rows decoded together (all variants); further requests wait.
+        dtype: autocast dtype for the forward passes (None: the weights' own).
+    """
+
+    def __init__(self, variants: dict[str, Variant], tokenizer, eos_id: int, *, max_batch: int = 16,
+                 dtype: torch.dtype | None = None):
+        if max_batch < 1:
+            raise UserError("max_batch must be >= 1")
+        self.variants, self.tokenizer, self.eos_id = variants, tokenizer, eos_id
+        self.max_batch, self.dtype = max_batch, dtype
+        first = next(iter(variants.values())).model
+        self.device = next(first.parameters()).device
+        self.context_size = _context_size(first.config)
+        self.waiting: deque[_Row | Request] = deque()
+        self.lanes = {name: _Lane() for name in variants}
+        self.finished: list[Answer] = []
+
+    # -- public ----------------------------------------------------------------------
+    def add(self, request: Request) -> Request:
+        """Queue a request; it enters the batch when a slot is free."""
+        if request.variant not in self.variants:
+            raise UserError(f"unknown variant '{request.variant}'; have {', '.join(self.variants)}")
+        if not request.prompt_ids:
+            raise UserError("empty prompt")
+        if request.max_new_tokens < 1:
+            raise UserError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
+        self.check_length(request)
+        self.waiting.append(request)
+        return request
+
+    def check_length(self, request: Request) -> None:
+        """Raise ``PromptTooLong`` when the prompt leaves no room for an answer in the context."""
+        used = len(request.prompt_ids) + self.variants[request.variant].virtual_tokens
+        if self.context_size and used >= self.context_size:
+            virtual = self.variants[request.variant].virtual_tokens
+            extra = f" (+{virtual} virtual tokens)" if virtual else ""
+            raise PromptTooLong(f"the prompt has {len(request.prompt_ids)} tokens{extra}; the model's context is "
+                                f"{self.context_size} tokens")
+
+    def cancel(self, request: Request) -> None:
+        """Stop decoding ``request``: it leaves the batch at the next step (finish_reason 'cancelled')."""
+        for lane in self.lanes.values():
+            for row in lane.rows:
+                if row.req is request:
+                    row.cancelled = True
+        if request in self.waiting:
+            self.waiting.remove(request)
+            self.finished.append(Answer(request.tag, "", [], "cancelled", len(request.prompt_ids), request=request))
+
+    @property
+    def active(self) -> int:
+        return sum(len(lane.rows) for lane in self.lanes.values())
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or self.active > 0
+
+    def step(self) -> list[Answer]:
+        """Admit waiting requests into free slots, decode one token for every row; return
+        the answers that finished during this step."""
+        while self.waiting and self.active < self.max_batch:
+            self._prefill(self.waiting.popleft())
+        for name, lane in self.lanes.items():
+            if lane.rows:
+                self._decode(name, lane)
+        done, self.finished = self.finished, []
+        return done
+
+    def run(self, requests: list[Request]) -> list[Answer]:
+        """Decode ``requests`` to the end; answers in the order of ``requests``."""
+        for r in requests:
+            self.add(r)
+        answers: dict[int, Answer] = {}
+        by_id = {id(r): i for i, r in enumerate(requests)}
+        while self.has_work():
+            for a in self.step():
+                answers[by_id[id(a.request)]] = a
+        return [answers[i] for i in range(len(requests))]
+
+    # -- internals -----------------------------------------------------------------------
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
+
+    @torch.no_grad()
+    def _prefill(self, req: Request) -> None:
+        variant = self.variants[req.variant]
+        ids = torch.tensor([req.prompt_ids], device=self.device)  # (1, T)
+        with variant.context(), self._autocast():
+            variant.model.eval()
+            out = variant.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        length = cache.get_seq_length()
+        budget = min(req.max_new_tokens, self.context_size - length) if self.context_size else req.max_new_tokens
+        gen = None
+        if not req.sampling.greedy:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(req.sampling.seed if req.sampling.seed is not None else
+                            int(torch.randint(0, 2**62, (1,))))
+        row = _Row(req, TextTracker(self.tokenizer, req.stop, req.on_text), gen, length, -1, budget,
+                   time.perf_counter())
+        logits = out.logits[:, -1, :]  # (1, V)
+        seen = torch.zeros(logits.shape, dtype=torch.bool, device=self.device)
+        token = self._choose(logits, [row], seen)[0]
+        if budget < 1:  # check_length counts virtual tokens; this is a last guard
+            row.done = "length"
+        if row.done or self._accept(row, token, seen[0]):
+            self._finish(row)
+            return
+        self.lanes[req.variant].add(row, cache, seen)
+
+    @torch.no_grad()
+    def _decode(self, name: str, lane: _Lane) -> None:
+        variant = self.variants[name]
+        width = lane.width
+        lengths = torch.tensor([r.length for r in lane.rows], device=self.device)
+        ids = torch.tensor([[r.last] for r in lane.rows], device=self.device)  # (B, 1)
+        pad = width - lengths  # (B,)
+        mask = None
+        if bool((pad > 0).any()):
+            mask = (torch.arange(width + 1, device=self.device)[None, :] >= pad[:, None]).long()  # (B, L+1)
+        with variant.context(), self._autocast():
+            out = variant.inner(input_ids=ids, position_ids=lengths[:, None], attention_mask=mask,
+                                past_key_values=lane.cache, use_cache=True)
+        lane.cache = out.past_key_values
+        tokens = self._choose(out.logits[:, -1, :], lane.rows, lane.seen)
+        keep = []
+        for i, (row, token) in enumerate(zip(lane.rows, tokens)):
+            row.length += 1
+            if row.cancelled:
+                row.done = "cancelled"
+            if row.done or self._accept(row, token, lane.seen[i]):
+                self._finish(row)
+            else:
+                keep.append(i)
+        if len(keep) < len(lane.rows):
+            lane.drop(keep)
+
+    def _choose(self, logits: torch.Tensor, rows: list[_Row], seen: torch.Tensor) -> list[int]:
+        logits = logits.float()  # (B, V)
+        if any(r.req.sampling.repetition_penalty != 1.0 for r in rows):
+            penalty = torch.tensor([[r.req.sampling.repetition_penalty] for r in rows], device=logits.device)
+            logits = penalise(logits, seen, penalty)
+        return choose(logits, [r.req.sampling for r in rows], [r.generator for r in rows])
+
+    def _accept(self, row: _Row, token: int, seen: torch.Tensor) -> bool:
+        """Record ``token`` for ``row``; True when the row is finished."""
+        if token == self.eos_id:
+            row.done = "eos"
+            return True
+        row.tokens.append(token)
+        row.last = token
+        seen[token] = True
+        if row.text.add(token):
+            row.done = "stop"
+        elif len(row.tokens) >= row.budget:
+            row.done = "length"
+        return row.done is not None
+
+    def _finish(self, row: _Row) -> None:
+        text = row.text.finish() if row.done != "stop" else row.text.text
+        self.finished.append(Answer(row.req.tag, text, row.tokens, row.done, len(row.req.prompt_ids),
+                                    time.perf_counter() - row.started, row.req))
+
+
+def _context_size(config) -> int | None:
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+

@@ -1,0 +1,185 @@
+"""The decoding engine: batched == sequential greedy for every method x architecture,
+continuous batching, per-row sampling, stop strings, streaming, cancellation."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from chattune.data import DataConfig, prepare
+from chattune.engine import GREEDY, Engine, Request, SamplingParams, Variant
+from chattune.engine.sampling import penalise
+from chattune.engine.text import TextTracker
+from chattune.methods import get_method
+from tiny import make_model, make_tokenizer
+
+METHODS = ["lora", "dora", "ia3", "adapter", "prompt", "prefix", "full"]
+ARCHS = ["gpt2", "llama"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer):
+    """Six prompts of different lengths (5 to 30 tokens)."""
+    data = prepare(DataConfig(max_length=128), tokenizer)
+    rows = [s["input_ids"] for s in data.splits["train"][:6]]
+    return [ids[: 5 + 5 * i] for i, ids in enumerate(rows)]
+
+
+def tuned(method: str, arch: str, tokenizer):
+    """A method applied to a tiny model and moved off its identity, in eval mode."""
+    m = get_method(method)
+    base = make_model(arch, len(tokenizer)).eval()
+    model = m.apply(copy.deepcopy(base), m.config_cls(), tokenizer)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * (0.02 if method == "full" else 0.1))
+    return m, model.eval(), base
+
+
+@torch.no_grad()
+def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
+    """Argmax of full forwards without any cache: the definition of greedy decoding."""
+    seq, out = list(prompt), []
+    for _ in range(n):
+        ids = torch.tensor([seq])
+        token = int(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1].argmax())
+        out.append(token)
+        seq.append(token)
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", METHODS)
+def test_batched_greedy_equals_sequential_greedy(method, arch, tokenizer, prompts):
+    m, model, base = tuned(method, arch, tokenizer)
+    variants = {"tuned": Variant(model)}
+    if m.disable is not None:
+        variants["base"] = Variant(model, lambda: m.disable(model))
+    else:
+        variants["base"] = Variant(base)
+    engine = Engine(variants, tokenizer, eos_id=-1, max_batch=4)  # 12 requests, 4 slots: rows come and go
+    lengths = [3, 9, 5, 12, 4, 7]
+    reqs = [Request(p, max_new_tokens=n, sampling=GREEDY, variant=v)
+            for v in ("tuned", "base") for p, n in zip(prompts, lengths)]
+    answers = engine.run(reqs)
+    for r, a in zip(reqs, answers):
+        ref_model = model if r.variant == "tuned" else (base if m.disable is None else None)
+        if ref_model is None:
+            with m.disable(model):
+                want = greedy_reference(model, r.prompt_ids, r.max_new_tokens)
+        else:
+            want = greedy_reference(ref_model, r.prompt_ids, r.max_new_tokens)
+        assert a.token_ids == want, (r.variant, len(r.prompt_ids))
+        assert a.finish_reason == "length"
+    # the base rows really are the base model
+    assert [a.token_ids for a in answers[6:]] == [greedy_reference(base, p, n) for p, n in zip(prompts, lengths)]
+
+
+def test_continuous_batching_refills_free_slots(tokenizer, prompts):
+    _, model, _ = tuned("lora", "llama", tokenizer)
+    engine = Engine({"tuned": Variant(model)}, tokenizer, eos_id=-1, max_batch=2)
+    long = engine.add(Request(prompts[0], max_new_tokens=20, sampling=GREEDY))
+    for p in prompts[1:4]:
+        engine.add(Request(p, max_new_tokens=2, sampling=GREEDY))
+    finished = []
+    while engine.has_work():
+        finished += [a.request for a in engine.step()]
+        assert engine.active <= 2
+    # the three short answers went through the second slot while the long one kept decoding
+    assert finished[-1] is long and len(finished) == 4
+
+
+def test_seeded_sampling_is_reproducible_and_seeds_differ(tokenizer, prompts):
+    _, model, _ = tuned("lora", "gpt2", tokenizer)
+    engine = Engine({"tuned": Variant(model)}, tokenizer, eos_id=-1, max_batch=8)
+    params = SamplingParams(temperature=1.0, top_p=0.95, top_k=40, repetition_penalty=1.2, seed=7)
+    first = engine.run([Request(prompts[2], max_new_tokens=16, sampling=params)])[0].token_ids
+    # again, this time beside other rows with other settings
+    others = [Request(p, max_new_tokens=16, sampling=params.with_(seed=i)) for i, p in enumerate(prompts)]
+    again = engine.run(others + [Request(prompts[2], max_new_tokens=16, sampling=params)])
+    assert again[-1].token_ids == first
+    assert len({tuple(a.token_ids) for a in again[:-1]}) > 1
+
+
+def test_top_k_one_is_greedy(tokenizer, prompts):
+    _, model, _ = tuned("ia3", "llama", tokenizer)
+    engine = Engine({"tuned": Variant(model)}, tokenizer, eos_id=-1)
+    sampled = engine.run([Request(prompts[1], max_new_tokens=10, sampling=SamplingParams(1.3, 1.0, 1, 1.0, seed=3))])
+    assert sampled[0].token_ids == greedy_reference(model, prompts[1], 10)
+
+
+def test_repetition_penalty_touches_only_generated_tokens():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
+    seen = torch.tensor([[True, True, False, False]])
+    out = penalise(logits, seen, torch.tensor([[2.0]]))
+    assert out.tolist() == [[1.0, -4.0, 1.0, 0.5]]
+
+
+def test_prompt_tokens_and_eos_are_not_penalised(tokenizer, prompts):
+    """A token of the prompt keeps its logit; EOS is never marked as seen."""
+    _, model, _ = tuned("lora", "gpt2", tokenizer)
+    eos = greedy_reference(model, prompts[3], 1)[0]  # make the first greedy token the EOS
+    engine = Engine({"tuned": Variant(model)}, tokenizer, eos_id=eos)
+    strong = SamplingParams(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=50.0)
+    a = engine.run([Request(prompts[3], max_new_tokens=5, sampling=strong)])[0]
+    assert a.finish_reason == "eos" and a.token_ids == []
+
+
+class Spy:
+    def __init__(self):
+        self.parts = []
+
+    def __call__(self, text):
+        self.parts.append(text)
+
+
+def test_stop_strings_are_cut_and_never_streamed(tokenizer):
+    spy = Spy()
+    tracker = TextTracker(tokenizer, ["### Human:"], spy)
+    stopped = False
+    for token in tokenizer("Sure thing.\n\n### Human: more", add_special_tokens=False)["input_ids"]:
+        stopped = tracker.add(token)
+        if stopped:
+            break
+    assert stopped
+    assert tracker.text == "Sure thing.\n\n" == "".join(spy.parts)
+
+
+def test_streamed_text_equals_the_answer(tokenizer, prompts):
+    _, model, _ = tuned("prefix", "llama", tokenizer)
+    engine = Engine({"tuned": Variant(model)}, tokenizer, eos_id=-1, max_batch=3)
+    spies = [Spy() for _ in prompts]
+    answers = engine.run([Request(p, max_new_tokens=12, sampling=GREEDY, on_text=s) for p, s in zip(prompts, spies)])
+    for a, s in zip(answers, spies):
+        assert "".join(s.parts) == a.text == tokenizer.decode(a.token_ids, skip_special_tokens=True)
+
+
+def test_cancel_frees_the_slot(tokenizer, prompts):
+    _, model, _ = tuned("lora", "gpt2", tokenizer)
+    engine = Engine({"tuned": Variant(model)}, tokenizer, eos_id=-1, max_batch=1)
+    first = engine.add(Request(prompts[0], max_new_tokens=100, sampling=GREEDY))
+    second = engine.add(Request(prompts[1], max_new_tokens=3, sampling=GREEDY))
+    engine.step()
+    engine.cancel(first)
+    done = []
+    while engine.has_work():
+        done += engine.step()
+    assert [(a.request, a.finish_reason) for a in done] == [(first, "cancelled"), (second, "length")]
+
+
+def test_prompt_longer_than_the_context_is_refused(tokenizer):
+    from chattune.engine import PromptTooLong
+
+    _, model, _ = tuned("prompt", "gpt2", tokenizer)  # 512 positions, 20 virtual tokens
+    engine = Engine({"tuned": Variant(model, virtual_tokens=20)}, tokenizer, eos_id=-1)
+    with pytest.raises(PromptTooLong, match="512"):
+        engine.add(Request([5] * 500))
