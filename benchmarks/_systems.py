@@ -232,7 +232,7 @@ def run_generation(spec: dict, tok, device) -> dict:
     """Greedy tokens/s: chattune's decoding loop for every registered method (default settings)
     vs plain ``model.generate`` on the base model; same prompt, same number of new tokens, fp32
     (what ``chattune chat`` uses)."""
-    from chattune.generate import generate_ids
+    from chattune.engine import GREEDY, Engine, Request, Variant
     from chattune.methods import all_methods
 
     prompt = tok(seed_prompt(spec["gen_prompt"]), add_special_tokens=False)["input_ids"]
@@ -244,7 +244,8 @@ def run_generation(spec: dict, tok, device) -> dict:
                        do_sample=False, use_cache=True, pad_token_id=tok.eos_token_id)
 
     def loop(model, k):  # eos_id=-1: never stops early, so every method decodes exactly k tokens
-        generate_ids(model, prompt, max_new_tokens=k, eos_id=-1, device=device)
+        Engine({"tuned": Variant(model)}, tok, eos_id=-1, max_batch=1).run(
+            [Request(prompt, max_new_tokens=k, sampling=GREEDY)])
 
     speed, cached = _timed_decode(plain, load_base(spec).to(device).eval(), n)
     out = {"prompt_tokens": len(prompt), "new_tokens": n,

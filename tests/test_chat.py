@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from chattune.cli import main
-from chattune.generate import StopAwareStreamer, cut_at_stop
+from chattune.engine.text import TextTracker
 from tiny import make_tokenizer, tiny_dirs  # noqa: F401  (fixture)
 
 
@@ -21,28 +21,28 @@ def run_dir(tiny_dirs, tmp_path_factory):
     return out
 
 
-def test_streamer_holds_back_and_drops_the_stop_marker():
-    tok = make_tokenizer()
+def feed(tracker: TextTracker, pieces: list[str]) -> bool:
+    tok = tracker.tokenizer
+    for piece in pieces:
+        for t in tok(piece, add_special_tokens=False)["input_ids"]:
+            if tracker.add(t):
+                return True
+    tracker.finish()
+    return False
+
+
+def test_stream_holds_back_and_drops_the_stop_marker():
     sink = io.StringIO()
-    streamer = StopAwareStreamer(tok, ["### Human:"], sink)
-    for piece in ["Rome is the capital.", "\n\n##", "# Hu", "man: next question"]:
-        streamer.on_finalized_text(piece)
-    streamer.on_finalized_text("", stream_end=True)
-    assert sink.getvalue() == "Rome is the capital.\n\n"
-    assert "#" not in streamer.text
+    tracker = TextTracker(make_tokenizer(), ["### Human:"], sink.write)
+    assert feed(tracker, ["Rome is the capital.", "\n\n##", "# Hu", "man: next question"])
+    assert sink.getvalue() == "Rome is the capital.\n\n" == tracker.text
 
 
 def test_partial_marker_prefix_is_released_when_it_turns_out_harmless():
     sink = io.StringIO()
-    streamer = StopAwareStreamer(make_tokenizer(), ["### Human:"], sink)
-    streamer.on_finalized_text("Use ## for")
-    streamer.on_finalized_text(" headings", stream_end=True)
+    tracker = TextTracker(make_tokenizer(), ["### Human:"], sink.write)
+    assert not feed(tracker, ["Use ## for", " headings"])
     assert sink.getvalue() == "Use ## for headings"
-
-
-def test_cut_at_stop():
-    assert cut_at_stop("a ### Assistant: b ### Human: c", ["### Human:", "### Assistant:"]) == ("a ", True)
-    assert cut_at_stop("plain", ["### Human:"]) == ("plain", False)
 
 
 def test_one_shot_prompt_and_base_answer(run_dir, capsys):
@@ -52,6 +52,9 @@ def test_one_shot_prompt_and_base_answer(run_dir, capsys):
                  "--base"]) == 0
     base = capsys.readouterr().out
     assert tuned.strip() and base.strip()
+    # greedy is deterministic: the same settings give the same answer
+    assert main(["chat", str(run_dir), "--prompt", "Hello there", "--max-new-tokens", "5", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == tuned
 
 
 def test_interactive_multi_turn_session(run_dir):

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from chattune.cli import main
 from chattune.data import DataConfig, batch_plan, collate, prepare
-from chattune.generate import generate_ids
+from chattune.engine import GREEDY, Engine, Request, Variant
 from chattune.loss import token_loss_sum
 from chattune.methods import all_methods, count_parameters, get_method
 from chattune.methods.adapter import AdapterConfig, trainable_param_formula
@@ -115,7 +115,7 @@ def test_save_load_round_trip_and_cached_generation(method, arch, tokenizer, bat
         assert torch.equal(model(**x).logits, loaded(**x).logits)
     # greedy decoding with the KV cache == greedy argmax of full forwards without it
     prompt = batch["input_ids"][0, :12].tolist()
-    cached, _ = generate_ids(loaded, prompt, max_new_tokens=8, eos_id=-1, device=torch.device("cpu"))
+    cached = decode(loaded, prompt, 8)
     seq, reference = list(prompt), []
     with torch.no_grad():
         for _ in range(8):
@@ -124,6 +124,12 @@ def test_save_load_round_trip_and_cached_generation(method, arch, tokenizer, bat
             reference.append(token)
             seq.append(token)
     assert cached == reference
+
+
+def decode(model, prompt: list[int], n: int) -> list[int]:
+    """Greedy tokens from the engine (KV cache), never stopping early."""
+    engine = Engine({"tuned": Variant(model)}, make_tokenizer(), eos_id=-1)
+    return engine.run([Request(prompt, max_new_tokens=n, sampling=GREEDY)])[0].token_ids
 
 
 def expected_trainable(method: str, cfg, settings) -> int:
@@ -214,7 +220,7 @@ def test_prefix_projection_trains_and_decodes_with_the_cache(arch, tokenizer, ba
     (loss / n).backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
     prompt = batch["input_ids"][0, :10].tolist()
-    cached, _ = generate_ids(model, prompt, max_new_tokens=5, eos_id=-1, device=torch.device("cpu"))
+    cached = decode(model, prompt, 5)
     assert len(cached) == 5
 
 

@@ -144,10 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--prompt", help="one question, answered once (non-interactive)")
     p.add_argument("--base", action="store_true", help="answer with the method disabled (the base model)")
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (default 0.9)")
-    p.add_argument("--top-k", type=int, default=50, help="top-k sampling (default 50)")
-    p.add_argument("--repetition-penalty", type=float, default=1.1, help="(default 1.1)")
+    from chattune.engine import DEFAULTS as d
+
+    p.add_argument("--temperature", type=float, help=f"0 = greedy (default {d.temperature})")
+    p.add_argument("--top-p", type=float, help=f"nucleus sampling (default {d.top_p})")
+    p.add_argument("--top-k", type=int, help=f"top-k sampling, 0 = off (default {d.top_k})")
+    p.add_argument("--repetition-penalty", type=float, help=f"on generated tokens only (default {d.repetition_penalty})")
+    p.add_argument("--seed", type=int, help="sampling seed (default: random)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="(default 256)")
     p.set_defaults(func=cmd_chat)
 

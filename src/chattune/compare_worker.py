@@ -70,7 +70,7 @@ def _base_validation(run) -> dict | None:
     """The base model's loss on the validation samples that every run's validation passes use."""
     from chattune.data import prepare
     from chattune.evaluate import loss_on_samples
-    from chattune.train import autocast_dtype
+    from chattune.models import autocast_dtype
 
     cfg = run.cfg
     samples = prepare(cfg.data, run.tokenizer).splits["validation"][: cfg.train.max_eval_samples]

@@ -17,10 +17,11 @@ QUESTIONS = ["What's the capital of Italy?", "Why is the sky blue?", "Give me th
 
 def demo(args) -> int:
     from chattune.evaluate import evaluate_run
-    from chattune.generate import generate_batch, load_run
+    from chattune.engine import GREEDY
+    from chattune.generate import load_run
     from chattune.report import eval_table
     from chattune.settings import RunConfig
-    from chattune.train import autocast_dtype, train
+    from chattune.train import train
 
     start = time.perf_counter()
     _clear_previous(Path(args.output_dir))
@@ -38,13 +39,10 @@ def demo(args) -> int:
     print(f"trained in {summary['train_seconds']:.0f} s ({summary['tokens_per_s']:.0f} tokens/s), "
           f"final train loss {summary['final_train_loss']:.3f}", flush=True)
     run = load_run(args.output_dir)
-    device = next(run.model.parameters()).device
-    dtype = autocast_dtype(cfg.train.precision, device)
     convs = [[{"role": "user", "content": q}] for q in QUESTIONS]
-    gen = dict(max_new_tokens=96, device=device, dtype=dtype)
-    with run.base() as base:
-        base_answers = generate_batch(base, run.tokenizer, convs, cfg.data.template, **gen)
-    tuned_answers = generate_batch(run.model, run.tokenizer, convs, cfg.data.template, **gen)
+    requests = [run.request(c, max_new_tokens=96, sampling=GREEDY, variant=v) for v in ("base", "tuned") for c in convs]
+    answers = run.engine().run(requests)  # base and tuned answers decoded in one batch
+    base_answers, tuned_answers = answers[:len(convs)], answers[len(convs):]
     for q, b, t in zip(QUESTIONS, base_answers, tuned_answers):
         print(f"\n### {q}\n[base ] {_show(b)}\n[tuned] {_show(t)}")
     print()
@@ -63,6 +61,6 @@ def _clear_previous(out: Path) -> None:
     shutil.rmtree(out)
 
 
-def _show(answer: dict) -> str:
-    text = " ".join(answer["text"].split())
-    return text + ("  <EOS>" if answer["stopped"] else "  <cut at the token limit>")
+def _show(answer) -> str:
+    text = " ".join(answer.text.split())
+    return text + ("  <EOS>" if answer.stopped else "  <cut at the token limit>")

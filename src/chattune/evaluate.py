@@ -86,46 +86,25 @@ def eval_prompts(conversations: list[dict], n: int) -> list[dict]:
     return out
 
 
-def generation_metrics(model, tokenizer, prompts: list[dict], template: str, max_new_tokens: int, device,
-                       dtype=None) -> dict:
-    """Greedy answers to ``prompts`` and their metrics (EOS rate, loops, diversity, ROUGE-L)."""
-    from chattune.generate import generate_batch
-
-    answers = generate_batch(model, tokenizer, [[{"role": "user", "content": p["prompt"]}] for p in prompts],
-                             template, max_new_tokens=max_new_tokens, device=device, dtype=dtype)
-    token_lists = [a["ids"] for a in answers]
+def generation_metrics(answers: list, prompts: list[dict]) -> dict:
+    """Metrics of engine answers to ``prompts`` (EOS rate, loops, diversity, ROUGE-L)."""
+    token_lists = [a.token_ids for a in answers]
     metrics = {
-        "eos_rate": sum(a["stopped"] for a in answers) / max(len(answers), 1),
+        "eos_rate": sum(a.stopped for a in answers) / max(len(answers), 1),
         "repeat_4gram": sum(repeated_ngram_rate(t) for t in token_lists) / max(len(answers), 1),
         "distinct_2": distinct_n(token_lists, 2),
         "mean_length": sum(len(t) for t in token_lists) / max(len(answers), 1),
-        "rouge_l": sum(rouge_l(a["text"], p["reference"]) for a, p in zip(answers, prompts)) / max(len(answers), 1),
+        "rouge_l": sum(rouge_l(a.text, p["reference"]) for a, p in zip(answers, prompts)) / max(len(answers), 1),
     }
-    samples = [{"prompt": p["prompt"], "answer": a["text"], "stopped": a["stopped"]} for p, a in zip(prompts, answers)]
+    samples = [{"prompt": p["prompt"], "answer": a.text.strip(), "stopped": a.stopped} for p, a in zip(prompts, answers)]
     return {"metrics": metrics, "samples": samples}
-
-
-def evaluate_model(model, tokenizer, samples, prompts, *, template, pad_id, batch_size, max_new_tokens, device,
-                   dtype=None) -> dict:
-    out = loss_on_samples(model, samples, pad_id, batch_size, device, dtype)
-    if prompts:
-        gen = generation_metrics(model, tokenizer, prompts, template, max_new_tokens, device, dtype)
-        out.update(gen["metrics"])
-        out["samples"] = gen["samples"]
-    return out
-
-
-def base_context(method, model):
-    """Context in which ``model`` behaves as the untouched base (None: needs a fresh base)."""
-    return method.disable(model) if method.disable is not None else None
-
 
 
 def evaluate_run(run, split: str = "test", *, max_samples: int | None = None, num_generate: int | None = None,
                  max_new_tokens: int | None = None, include_base: bool = True) -> dict:
     """Tuned and base numbers for one split of a loaded run (``generate.LoadedRun``)."""
     from chattune.data import prepare
-    from chattune.train import autocast_dtype
+    from chattune.models import autocast_dtype
 
     cfg = run.cfg
     data = prepare(cfg.data, run.tokenizer)
@@ -138,11 +117,26 @@ def evaluate_run(run, split: str = "test", *, max_samples: int | None = None, nu
     prompts = eval_prompts(held_out, cfg.eval.num_generate if num_generate is None else num_generate)
     device = next(run.model.parameters()).device
     dtype = autocast_dtype(cfg.train.precision, device)
-    kw = dict(template=cfg.data.template, pad_id=run.tokenizer.pad_token_id, batch_size=cfg.eval.batch_size,
-              max_new_tokens=max_new_tokens or cfg.eval.max_new_tokens, device=device, dtype=dtype)
+    from chattune.engine import GREEDY
+
+    budget = max_new_tokens or cfg.eval.max_new_tokens
+    variants = ["tuned", "base"] if include_base else ["tuned"]
+    requests = [run.request([{"role": "user", "content": p["prompt"]}], max_new_tokens=budget, sampling=GREEDY,
+                            variant=v, tag=(v, i)) for v in variants for i, p in enumerate(prompts)]
+    answers = run.engine(base=include_base).run(requests)  # tuned and base rows share the batches
+    by_variant = {v: [a for a in answers if a.tag[0] == v] for v in variants}
+
+    def model_result(model, variant):
+        out = loss_on_samples(model, samples, run.tokenizer.pad_token_id, cfg.eval.batch_size, device, dtype)
+        if prompts:
+            gen = generation_metrics(by_variant[variant], prompts)
+            out.update(gen["metrics"])
+            out["samples"] = gen["samples"]
+        return out
+
     result = {"split": split, "samples": len(samples), "method": cfg.method.name,
-              "tuned": evaluate_model(run.model, run.tokenizer, samples, prompts, **kw)}
+              "tuned": model_result(run.model, "tuned")}
     if include_base:
         with run.base() as base:
-            result["base"] = evaluate_model(base, run.tokenizer, samples, prompts, **kw)
+            result["base"] = model_result(base, "base")
     return result

@@ -1,4 +1,9 @@
-"""Loading a trained run, batched greedy generation for eval, and streaming chat."""
+"""Loading a trained run and decoding with it: the bridge from a run directory to the engine.
+
+Every answer chattune writes (eval, chat, demo, compare, serve) is decoded by
+``chattune.engine.Engine``; this module only builds its variants from a run (the tuned
+model, and the base with the method switched off) and renders conversations to prompts.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import (AutoTokenizer, LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                          TextStreamer, TopKLogitsWarper, TopPLogitsWarper)
+from transformers import AutoTokenizer
 
 from chattune.config import from_dict, load_yaml
 from chattune.data import render_prompt_ids, stop_strings
+from chattune.engine import DEFAULTS, GREEDY, Answer, Engine, Request, SamplingParams, Variant
 from chattune.errors import UserError
 from chattune.methods import get_method
 from chattune.models import load_model
@@ -31,7 +36,38 @@ class LoadedRun:
         """Context manager yielding a model that behaves as the untouched base."""
         if self.method.disable is not None:
             return _yielding(self.model, self.method.disable(self.model))
-        return contextlib.nullcontext(load_model(self.cfg.model.name, trust_remote_code=self.cfg.model.trust_remote_code))
+        return contextlib.nullcontext(self._fresh_base())
+
+    def _fresh_base(self):
+        if getattr(self, "_base", None) is None:  # full fine-tuning: the base is a second model, loaded once
+            self._base = load_model(self.cfg.model.name, trust_remote_code=self.cfg.model.trust_remote_code).eval()
+        return self._base
+
+    @property
+    def virtual_tokens(self) -> int:
+        """Cache positions prompt or prefix tuning put in front of every prompt."""
+        return getattr(self.cfg.method.settings(), "num_virtual_tokens", 0)
+
+    def variants(self, base: bool = True) -> dict[str, Variant]:
+        """The engine's variants: ``tuned``, and ``base`` (the method switched off) if asked."""
+        out = {"tuned": Variant(self.model, virtual_tokens=self.virtual_tokens)}
+        if base:
+            if self.method.disable is not None:
+                out["base"] = Variant(self.model, lambda: self.method.disable(self.model))
+            else:
+                out["base"] = Variant(self._fresh_base())
+        return out
+
+    def engine(self, *, base: bool = True, max_batch: int = 16, dtype: torch.dtype | None = None) -> Engine:
+        return Engine(self.variants(base), self.tokenizer, self.tokenizer.eos_token_id, max_batch=max_batch,
+                      dtype=dtype)
+
+    def request(self, conversation: list[dict], *, max_new_tokens: int, sampling: SamplingParams = DEFAULTS,
+                variant: str = "tuned", on_text=None, tag=None, stop: list[str] | None = None) -> Request:
+        """A request for the answer to ``conversation`` (ending with a user turn), in this run's template."""
+        template = self.cfg.data.template
+        return Request(render_prompt_ids(conversation, self.tokenizer, template), max_new_tokens, sampling, variant,
+                       stop_strings(template) + list(stop or []), on_text, tag)
 
 
 @contextlib.contextmanager
@@ -51,140 +87,30 @@ def load_run(run_dir: str | Path) -> LoadedRun:
                       attn_implementation=cfg.model.attn_implementation)
     model = method.load(base, run_dir / "adapter")
     model.eval()
+    if method.inference is not None:
+        method.inference(model)
     return LoadedRun(cfg, model, tokenizer, method, run_dir)
 
 
-def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    cut = min((text.find(s) for s in stops if s in text), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
+def answer_all(run: LoadedRun, conversations: list[list[dict]], *, max_new_tokens: int,
+               sampling: SamplingParams = GREEDY, variant: str = "tuned", max_batch: int = 16) -> list[Answer]:
+    """Answers to conversations ending in a user turn, decoded together."""
+    engine = run.engine(base=variant == "base", max_batch=max_batch)
+    return engine.run([run.request(c, max_new_tokens=max_new_tokens, sampling=sampling, variant=variant)
+                       for c in conversations])
 
 
-def sampling_processors(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                        repetition_penalty: float = 1.0) -> LogitsProcessorList:
-    procs = LogitsProcessorList()
-    if repetition_penalty and repetition_penalty != 1.0:
-        procs.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
-    if temperature > 0:
-        procs.append(TemperatureLogitsWarper(temperature))
-        if top_k:
-            procs.append(TopKLogitsWarper(top_k))
-        if top_p < 1.0:
-            procs.append(TopPLogitsWarper(top_p))
-    return procs
-
-
-@torch.no_grad()
-def generate_ids(model, prompt_ids: list[int], *, max_new_tokens: int, eos_id: int, device, dtype=None,
-                 temperature: float = 0.0, processors: LogitsProcessorList | None = None,
-                 stop=None, on_token=None) -> tuple[list[int], bool]:
-    """Decode one answer with the KV cache; returns (new token ids without EOS, ended with EOS).
-
-    Written here rather than calling ``model.generate``: with PEFT prompt and prefix tuning,
-    transformers 5's ``generate`` numbers positions differently with and without the cache
-    (the virtual tokens are not counted consistently), so greedy answers changed with
-    ``use_cache``. This loop runs the first step through the method's own forward, exactly
-    as in training, then feeds one token at a time to the underlying model with the cache;
-    the model derives each position from the cache length, which counts the virtual tokens
-    the same way training did. ``stop(ids)`` may end decoding early (stop strings);
-    ``on_token(id)`` is called for streaming.
-    """
-    model.eval()
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    ids = torch.tensor([prompt_ids], device=device)  # (1, T)
-    out_ids: list[int] = []
-    past = None
-    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        for _ in range(max_new_tokens):
-            if past is None:
-                out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
-            else:
-                out = inner(input_ids=ids[:, -1:], past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            logits = out.logits[:, -1, :].float()  # (1, V)
-            if processors:
-                logits = processors(ids, logits)
-            if temperature > 0:
-                token = int(torch.multinomial(torch.softmax(logits, -1), 1))
-            else:
-                token = int(logits.argmax(-1))
-            if token == eos_id:
-                return out_ids, True
-            out_ids.append(token)
-            if on_token is not None:
-                on_token(token)
-            if stop is not None and stop(out_ids):
-                return out_ids, False
-            ids = torch.cat([ids, torch.tensor([[token]], device=device)], dim=1)
-    return out_ids, False
-
-
-def _stop_on(tokenizer, stops: list[str]):
-    longest = max((len(s) for s in stops), default=0)
-
-    def stop(ids: list[int]) -> bool:  # decode only a short tail: O(1) per token
-        return bool(stops) and any(s in tokenizer.decode(ids[-(longest + 2):]) for s in stops)
-
-    return stop
-
-
-def generate_batch(model, tokenizer, conversations: list[list[dict]], template: str, *, max_new_tokens: int,
-                   device, dtype=None) -> list[dict]:
-    """Greedy answers to conversations ending in a user turn.
-
-    Returns dicts with ``text``, ``ids`` (answer tokens without the EOS) and ``stopped``
-    (True when the answer ended with EOS before ``max_new_tokens``).
-    """
-    stops = stop_strings(template)
-    results = []
-    for conv in conversations:
-        ids, stopped = generate_ids(model, render_prompt_ids(conv, tokenizer, template), max_new_tokens=max_new_tokens,
-                                    eos_id=tokenizer.eos_token_id, device=device, dtype=dtype,
-                                    stop=_stop_on(tokenizer, stops))
-        text, _ = cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stops)
-        results.append({"text": text.strip(), "ids": ids, "stopped": stopped})
-    return results
-
-
-class StopAwareStreamer(TextStreamer):
-    """Prints tokens as they come, holding back any tail that may be the start of a stop
-    string (e.g. ``### Human:``) so the marker itself is never shown."""
-
-    def __init__(self, tokenizer, stops: list[str], out=None):
-        super().__init__(tokenizer, skip_prompt=False, skip_special_tokens=True)
-        self.stops, self.out, self.pending, self.done, self.text = stops, out or sys.stdout, "", False, ""
-
-    def on_finalized_text(self, text: str, stream_end: bool = False):
-        if self.done:
-            return
-        self.pending += text
-        visible, hit = cut_at_stop(self.pending, self.stops)
-        if hit:
-            self.done = True
-            self._emit(visible)
-            return
-        hold = 0 if stream_end else max(
-            (k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
-        ready, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold:]
-        self._emit(ready)
-
-    def _emit(self, text: str):
-        self.text += text
-        self.out.write(text)
-        self.out.flush()
-
-
-def stream_answer(model, tokenizer, conversation: list[dict], template: str, *, device, dtype=None,
-                  max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.9, top_k: int = 50,
-                  repetition_penalty: float = 1.1, out=None) -> str:
-    """Generate one answer, streaming it to ``out`` (default stdout); returns the answer text."""
+def stream_answer(run: LoadedRun, conversation: list[dict], *, variant: str = "tuned", max_new_tokens: int = 256,
+                  sampling: SamplingParams = DEFAULTS, out=None) -> Answer:
+    """One answer, streamed to ``out`` (default stdout) as it is decoded."""
     out = out or sys.stdout
-    stops = stop_strings(template)
-    streamer = StopAwareStreamer(tokenizer, stops, out)
-    procs = sampling_processors(temperature, top_p, top_k, repetition_penalty)
-    generate_ids(model, render_prompt_ids(conversation, tokenizer, template), max_new_tokens=max_new_tokens,
-                 eos_id=tokenizer.eos_token_id, device=device, dtype=dtype, temperature=temperature,
-                 processors=procs, stop=_stop_on(tokenizer, stops),
-                 on_token=lambda t: streamer.put(torch.tensor([t])))
-    streamer.end()
+
+    def write(text: str) -> None:
+        out.write(text)
+        out.flush()
+
+    engine = run.engine(base=variant == "base", max_batch=1)
+    answer = engine.run([run.request(conversation, max_new_tokens=max_new_tokens, sampling=sampling,
+                                     variant=variant, on_text=write)])[0]
     out.write("\n")
-    return streamer.text.strip()
+    return answer

@@ -31,18 +31,8 @@ from chattune.errors import UserError
 from chattune.evaluate import loss_on_samples
 from chattune.loss import unwrap, token_loss_sum
 from chattune.methods import count_parameters, get_method
-from chattune.models import load_model, load_tokenizer
+from chattune.models import autocast_dtype, load_model, load_tokenizer
 from chattune.settings import RunConfig
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bfloat16 autocast where the hardware has it: recent CPUs (AMX/AVX512-BF16) and
-    Ampere+ GPUs. On this project's 2-core CPU bf16 matmuls are ~2.7x fp32 (benchmarks/)."""
-    if precision == "fp32":
-        return None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16
 
 
 def store_frozen_weights_in(model, dtype: torch.dtype) -> int:

@@ -34,6 +34,8 @@ class Method:
             method cannot become plain weights (prompt, prefix, bottleneck adapters).
         supports_packing: False where virtual tokens make packed rows wrong.
         description: one line for ``chattune methods``.
+        inference: ``inference(model)`` readies a loaded model for decoding (e.g. DoRA
+            caches its weight norms); None when nothing is needed.
     """
 
     name: str
@@ -45,6 +47,7 @@ class Method:
     merge: Callable[[nn.Module], nn.Module] | None
     supports_packing: bool
     description: str
+    inference: Callable[[nn.Module], None] | None = None
 
 
 REGISTRY: dict[str, Method] = {}

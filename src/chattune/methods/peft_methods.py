@@ -172,6 +172,15 @@ def merge_peft(model):
     return model.merge_and_unload()
 
 
+def cache_dora_norms(model) -> None:
+    """DoRA re-computes ||W + BA|| for every layer at every forward (0.46x plain decoding).
+    PEFT can cache it in eval mode (``ENABLE_DORA_CACHING``); the cache is cleared by the
+    next forward in train mode, so training never reads a stale norm."""
+    from peft.tuners.lora import dora
+
+    dora.ENABLE_DORA_CACHING = True
+
+
 for _name, _cls, _apply, _merge, _packing, _desc in [
     ("lora", LoraSettings, apply_lora, merge_peft, True, "low-rank updates to attention weights (Hu et al. 2021)"),
     ("dora", LoraSettings, apply_dora, merge_peft, True, "LoRA with weight-decomposed magnitude (Liu et al. 2024)"),
@@ -180,4 +189,5 @@ for _name, _cls, _apply, _merge, _packing, _desc in [
     ("prefix", PrefixSettings, apply_prefix, None, False, "trainable key/value prefixes in every layer (Li & Liang 2021)"),
 ]:
     register(Method(name=_name, config_cls=_cls, apply=_apply, save=save_peft, load=load_peft, disable=disable_peft,
-                    merge=_merge, supports_packing=_packing, description=_desc))
+                    merge=_merge, supports_packing=_packing, description=_desc,
+                    inference=cache_dora_norms if _name == "dora" else None))
