@@ -164,10 +164,14 @@ def default_targets(model_type: str) -> list[str]:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bfloat16 autocast where the hardware has it: recent CPUs (AMX/AVX512-BF16) and
-    Ampere+ GPUs. On this project's 2-core CPU bf16 matmuls are ~2.7x fp32 (benchmarks/)."""
+    """bfloat16 autocast where the hardware has it: CPUs with bf16 matrix instructions
+    (AVX512-BF16/AMX, where bf16 matmuls measured 2.2-2.4x fp32, benchmarks/README.md) and
+    Ampere+ GPUs. ``auto`` stays float32 elsewhere: on an AVX2-only CPU oneDNN emulates
+    bf16 and a matmul measured 100x slower than fp32. ``bf16`` forces it."""
     if precision == "fp32":
         return None
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if precision == "auto" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return None
     return torch.bfloat16

@@ -33,6 +33,7 @@ from typing import Callable, ContextManager
 
 import torch
 
+from chattune.engine import cache as kv
 from chattune.engine.sampling import DEFAULTS, SamplingParams, choose, penalise
 from chattune.engine.text import TextTracker
 from chattune.errors import UserError
@@ -105,21 +106,18 @@ class _Lane:
 
     def __init__(self):
         self.rows: list[_Row] = []
-        self.cache = None  # transformers DynamicCache, (B, H, L, d) per layer
+        self.cache = None  # cache.growing DynamicCache, (B, H, L, d) per layer
         self.seen: torch.Tensor | None = None  # (B, V) generated tokens, for the repetition penalty
 
     @property
     def width(self) -> int:
-        return self.cache.layers[0].keys.shape[-2] if self.rows else 0
+        return self.cache.get_seq_length() if self.rows else 0
 
     def add(self, row: _Row, cache, seen: torch.Tensor) -> None:
         if not self.rows:
-            self.rows, self.cache, self.seen = [row], cache, seen
+            self.rows, self.cache, self.seen = [row], kv.growing(cache), seen
             return
-        width = max(self.width, row.length)
-        for mine, theirs in zip(self.cache.layers, cache.layers):
-            mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
-            mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)])
+        kv.merge(self.cache, cache)
         self.rows.append(row)
         self.seen = torch.cat([self.seen, seen])
 
@@ -129,15 +127,8 @@ class _Lane:
             self.cache = self.seen = None
             return
         index = torch.tensor(keep, device=self.seen.device)
-        trim = self.width - max(r.length for r in self.rows)  # columns that are padding in every row
-        for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, trim:]
-            layer.values = layer.values.index_select(0, index)[:, :, trim:]
+        kv.select(self.cache, index, max(r.length for r in self.rows))  # trims columns that are padding in every row
         self.seen = self.seen.index_select(0, index)
-
-
-def _left_pad(x: torch.Tensor, width: int) -> torch.Tensor:
-    return torch.nn.functional.pad(x, (0, 0, width - x.shape[-2], 0)) if x.shape[-2] < width else x
 
 
 class Engine:
@@ -269,7 +260,6 @@ class Engine:
         with variant.context(), self._autocast():
             out = variant.inner(input_ids=ids, position_ids=lengths[:, None], attention_mask=mask,
                                 past_key_values=lane.cache, use_cache=True)
-        lane.cache = out.past_key_values
         tokens = self._choose(out.logits[:, -1, :], lane.rows, lane.seen)
         keep = []
         for i, (row, token) in enumerate(zip(lane.rows, tokens)):

@@ -1,0 +1,216 @@
+"""Decoding speed: chattune's engine against transformers' ``generate`` on the same prompts.
+
+For each model (the built-in SmolLM2-135M, GPT-2 124M with random weights) and each number
+of concurrent sequences C in {1, 4, 16, 64}, the same N requests (first user turns of the
+shared arena conversations, seed template, greedy, EOS or ``--max-new-tokens``) are
+answered by:
+- ``hf_single``: plain ``model.generate``, one request at a time (C = 1 only);
+- ``hf_batched``: ``model.generate`` on batches of C left-padded prompts; a batch ends
+  when its longest answer ends;
+- ``hf_generate_batch``: transformers' own continuous batching (``generate_batch``),
+  where it runs;
+- ``chattune``: ``chattune.engine.Engine`` with C slots (continuous batching).
+Tokens/s counts answer tokens (EOS and padding excluded), all systems timed in one
+process, one after the other. Every method is also timed at C = 1 against plain
+``generate`` (its own base model), and bf16 weights against float32 at 16 sequences,
+with the greedy answers compared.
+
+    .venv/bin/python benchmarks/generation.py --quick     # < 3 min: SmolLM2, C = 1 and 16
+    .venv/bin/python benchmarks/generation.py             # both models, C = 1, 4, 16, 64
+
+The last line is one JSON object with ``vs_hf_batched_16`` and ``vs_hf_single``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _data  # noqa: E402
+
+from chattune.engine import GREEDY, Engine, Request, Variant  # noqa: E402
+
+
+def prompts_for(tok, n: int, max_prompt: int = 256) -> list[list[int]]:
+    from chattune.data import render_prompt_ids
+
+    out = []
+    for p, _ in _data.first_pairs(_data.DATA):
+        ids = render_prompt_ids([{"role": "user", "content": p}], tok, "seed")
+        if len(ids) <= max_prompt:
+            out.append(ids)
+        if len(out) == n:
+            return out
+    return out
+
+
+def load(name: str, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d = _data.model_dir(name)
+    tok = AutoTokenizer.from_pretrained(d)
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype, attn_implementation="sdpa").eval()
+    return model, tok
+
+
+def answer_len(row: list[int], eos: int) -> int:
+    return row.index(eos) if eos in row else len(row)
+
+
+@torch.no_grad()
+def hf_batched(model, tok, prompts, c: int, max_new: int) -> tuple[int, float, list[list[int]]]:
+    eos, tokens, outs = tok.eos_token_id, 0, []
+    start = time.perf_counter()
+    for i in range(0, len(prompts), c):
+        chunk = prompts[i:i + c]
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[eos] * (width - len(p)) + p for p in chunk])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
+                             pad_token_id=eos, eos_token_id=eos)
+        for row in out[:, width:].tolist():
+            n = answer_len(row, eos)
+            tokens += n
+            outs.append(row[:n])
+    return tokens, time.perf_counter() - start, outs
+
+
+@torch.no_grad()
+def hf_generate_batch(model, tok, prompts, c: int, max_new: int) -> tuple[int, float]:
+    from transformers import GenerationConfig
+
+    cfg = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=tok.eos_token_id,
+                           pad_token_id=tok.eos_token_id, max_batch_tokens=c * 64, num_blocks=4096, block_size=32)
+    start = time.perf_counter()
+    out = model.generate_batch(inputs=prompts, generation_config=cfg, progress_bar=False)
+    tokens = sum(answer_len(list(r.generated_tokens), tok.eos_token_id) for r in out.values())
+    return tokens, time.perf_counter() - start
+
+
+def engine_run(variants, tok, prompts, c: int, max_new: int) -> tuple[int, float, list[list[int]]]:
+    engine = Engine(variants, tok, tok.eos_token_id, max_batch=c)
+    start = time.perf_counter()
+    answers = engine.run([Request(p, max_new_tokens=max_new, sampling=GREEDY) for p in prompts])
+    seconds = time.perf_counter() - start
+    return sum(len(a.token_ids) for a in answers), seconds, [a.token_ids for a in answers]
+
+
+def rate(tokens: int, seconds: float) -> float:
+    return round(tokens / seconds, 1)
+
+
+def model_table(name: str, concurrencies: list[int], n_req: int, max_new: int, try_batch_api: bool) -> dict:
+    model, tok = load(name)
+    prompts = prompts_for(tok, max(n_req, max(concurrencies)))
+    out = {"model": name, "requests": len(prompts), "max_new_tokens": max_new, "rows": []}
+    engine_run({"tuned": Variant(model)}, tok, prompts[:2], 2, 4)  # warm-up
+    single_prompts = prompts[: max(4, n_req // 8)]
+    t, s, _ = hf_batched(model, tok, single_prompts, 1, max_new)
+    out["hf_single"] = rate(t, s)
+    print(f"[{name}] hf generate, 1 sequence: {out['hf_single']} tokens/s", flush=True)
+    for c in concurrencies:
+        reqs = prompts[: max(n_req, c)]
+        row = {"concurrent": c}
+        t, s, hf_out = hf_batched(model, tok, reqs, c, max_new)
+        row["hf_batched"] = rate(t, s)
+        t, s, ours = engine_run({"tuned": Variant(model)}, tok, reqs, c, max_new)
+        row["chattune"] = rate(t, s)
+        row["same_greedy_answers"] = sum(a == b for a, b in zip(ours, hf_out)) / len(reqs)
+        if try_batch_api:
+            try:
+                t, s = hf_generate_batch(model, tok, reqs, c, max_new)
+                row["hf_generate_batch"] = rate(t, s)
+            except Exception as e:  # report, do not hide: it is a comparison point that may not run
+                row["hf_generate_batch"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
+        row["vs_hf_batched"] = round(row["chattune"] / row["hf_batched"], 2)
+        row["vs_hf_single"] = round(row["chattune"] / out["hf_single"], 2)
+        print(f"[{name}] {json.dumps(row)}", flush=True)
+        out["rows"].append(row)
+    return out
+
+
+def bf16_check(name: str, n_req: int, max_new: int, c: int = 16) -> dict:
+    """bf16 weights against float32 in the engine: speed and identical greedy answers."""
+    model, tok = load(name)
+    prompts = prompts_for(tok, n_req)
+    t32, s32, a32 = engine_run({"tuned": Variant(model)}, tok, prompts, c, max_new)
+    model16 = model.to(torch.bfloat16)
+    engine_run({"tuned": Variant(model16)}, tok, prompts[:2], 2, 4)
+    t16, s16, a16 = engine_run({"tuned": Variant(model16)}, tok, prompts, c, max_new)
+    res = {"fp32": rate(t32, s32), "bf16": rate(t16, s16), "bf16_vs_fp32": round(rate(t16, s16) / rate(t32, s32), 2),
+           "same_greedy_answers": sum(a == b for a, b in zip(a32, a16)) / len(prompts)}
+    print(f"[{name}] bf16 weights: {json.dumps(res)}", flush=True)
+    return res
+
+
+def methods_single(name: str, max_new: int) -> dict:
+    """Every method at one sequence against plain ``generate`` on its base model."""
+    from chattune.methods import all_methods
+
+    base, tok = load(name)
+    prompt = prompts_for(tok, 1)[0]
+    n = max_new
+
+    def plain():
+        x = torch.tensor([prompt])
+        with torch.no_grad():
+            base.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False, pad_token_id=tok.eos_token_id)
+
+    plain()
+    start = time.perf_counter()
+    plain()
+    ref = n / (time.perf_counter() - start)
+    out = {"plain_generate": round(ref, 1)}
+    for mname, method in all_methods().items():
+        model, _ = load(name)
+        model = method.apply(model, method.config_cls(), tok).eval()
+        if method.inference is not None:
+            method.inference(model)
+        engine = Engine({"tuned": Variant(model)}, tok, eos_id=-1, max_batch=1)
+        engine.run([Request(prompt, max_new_tokens=4, sampling=GREEDY)])
+        start = time.perf_counter()
+        engine.run([Request(prompt, max_new_tokens=n, sampling=GREEDY)])
+        speed = n / (time.perf_counter() - start)
+        out[mname] = {"tokens_per_s": round(speed, 1), "vs_plain_generate": round(speed / ref, 2)}
+        print(f"[{name}] {mname} at 1 sequence: {out[mname]}", flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="SmolLM2 only, 1 and 16 sequences, short answers")
+    ap.add_argument("--models", default="smollm2-135m,gpt2")
+    ap.add_argument("--concurrency", default="1,4,16,64")
+    ap.add_argument("--requests", type=int, default=64, help="requests per concurrency level (at least C)")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = ["smollm2-135m"] if args.quick else args.models.split(",")
+    conc = [1, 16] if args.quick else [int(c) for c in args.concurrency.split(",")]
+    n_req = 32 if args.quick else args.requests
+    max_new = 64 if args.quick else args.max_new_tokens
+    result = {"threads": torch.get_num_threads(), "models": {}}
+    for name in models:
+        table = model_table(name, conc, n_req, max_new, try_batch_api=not args.quick)
+        if not args.quick:
+            table["bf16"] = bf16_check(name, n_req, max_new)
+            table["methods_single"] = methods_single(name, max_new)
+        result["models"][name] = table
+    head = result["models"][models[0]]
+    at16 = next(r for r in head["rows"] if r["concurrent"] == 16)
+    result["vs_hf_batched_16"] = at16["vs_hf_batched"]
+    result["vs_hf_single"] = at16["vs_hf_single"]
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
