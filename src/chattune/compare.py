@@ -114,11 +114,14 @@ def run(args) -> int:
     record = resolve(args)
     out = Path(record["output_dir"])
     claim(out, record)
-    rows = sweep(out, record["methods"], verbose=getattr(args, "verbose", False))
-    from chattune.compare_report import base_row, markdown_table, write_report
+    from chattune.runguard import RunLock
 
-    base = base_row(read_json(out / "base.json"))
-    write_report(out, record, base, rows)
+    with RunLock(out, "compare"):  # one comparison per OUT; each method's run has its own lock too
+        rows = sweep(out, record["methods"], verbose=getattr(args, "verbose", False))
+        from chattune.compare_report import base_row, markdown_table, write_report
+
+        base = base_row(read_json(out / "base.json"))
+        write_report(out, record, base, rows)
     print(markdown_table(([base] if base else []) + rows))
     print(f"\nreport: {out / 'report.html'}")
     failed = [r["method"] for r in rows if r["status"] != "done"]
