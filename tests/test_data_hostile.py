@@ -164,7 +164,7 @@ def parquet_table(fmt: str, case: str):
     if case == "huge_string":
         return goods + [row(fmt, "A question about a long answer?", "a" * 10_000_000, 3)], 3
     if case == "deep":
-        return [row(fmt, json.loads(deep(40)), "an answer", n) for n in (1, 2)], 0  # pyarrow reads 100 levels
+        return [row(fmt, json.loads(deep(40)), json.loads(deep(40)), n) for n in (1, 2)], 0  # pyarrow reads 100 levels
     if case == "nul":
         return goods + [row(fmt, "with a NUL \x00 inside?", "yes, \x00 here", 3)], 3
     if case == "binary":  # invalid UTF-8 can only be stored as bytes

@@ -27,8 +27,15 @@ def _flat(data, prefix: str = "") -> dict:
         out = {}
         for k, v in data.items():
             out.update(_flat(v, f"{prefix}{k}."))
-        return out or {prefix[:-1]: {}}
+        return out
     return {prefix[:-1]: data}
+
+
+def _resolved(cfg) -> dict:
+    """Flat settings, with the method's section resolved: ``r: 8`` given equals the default 8."""
+    data = to_dict(cfg)
+    data["method"] = {"name": cfg.method.name, cfg.method.name: to_dict(cfg.method.settings())}
+    return _flat(data)
 
 
 def resume_config(run_dir: Path, flags: dict, overrides: list[str]):
@@ -59,21 +66,21 @@ def resume_config(run_dir: Path, flags: dict, overrides: list[str]):
                 set_dotted(data, key, None)
     data["train"]["output_dir"] = str(run_dir)
     new = from_dict(RunConfig, data, "config")
-    a, b = _flat(to_dict(old)), _flat(to_dict(new))
+    a, b = _resolved(old), _resolved(new)
     changed = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k != "train.output_dir"]
-    refused = [k for k in changed if k not in BUDGET + CADENCE]
+    refused = sorted((k for k in changed if k not in BUDGET + CADENCE), key=lambda k: (k.count("."), k))
     if refused:
         key = refused[0]
         more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
         raise UserError(f"--resume cannot change {key} ({a.get(key)!r} -> {b.get(key)!r}){more}: it would be another "
                         f"run; start one with a new --output-dir, or resume with only --max-steps/--max-tokens/"
                         f"--epochs or the eval/log/save cadence")
-    new.method.settings()
     return new, changed
 
 
-def restore(run_dir: Path, model, optimizer, scheduler, main: bool = True) -> tuple[dict, list[Path]]:
-    """Load the newest checkpoint that loads, and list the ones before it that did not. Each
+def restore(run_dir: Path, model, optimizer, scheduler, main: bool = True) -> tuple[dict | None, list[Path]]:
+    """Load the newest checkpoint that loads, and list the ones before it that did not (None:
+    there is no checkpoint at all, the run was stopped before its first one). Each
     bad one is reported in one line naming its file, then a warning says which one is used
     instead. None left: UserError (exit 2). The caller sets the bad ones aside
     (``checkpoint.set_aside``) once every process has loaded."""
@@ -81,8 +88,7 @@ def restore(run_dir: Path, model, optimizer, scheduler, main: bool = True) -> tu
         ckpt.settle(run_dir)
     found = ckpt.candidates(run_dir)
     if not found:
-        raise UserError(f"{run_dir} has no checkpoint to resume from (start it again without --resume, "
-                        f"after removing the directory)")
+        return None, []
     bad: list[Path] = []
     for path in found:
         try:
@@ -123,6 +129,11 @@ def restore_into(trainer) -> None:
     acc, run_dir = trainer.acc, trainer.run_dir
     state, bad = restore(run_dir, acc.unwrap_model(trainer.model), trainer.optimizer, trainer.scheduler,
                          acc.is_main_process)
+    if state is None:  # stopped before its first checkpoint: the same seed starts the same run again
+        if acc.is_main_process:
+            print(f"{run_dir} has no checkpoint yet: training it from step 0", file=sys.stderr, flush=True)
+            forget_metrics_after(run_dir / "metrics.jsonl", 0)
+        return
     trainer.state = {**trainer.state, **state}
     trainer.saved_step = state["step"]
     acc.wait_for_everyone()  # every process has read the files before any is moved

@@ -151,11 +151,12 @@ DISK_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quot
 
 
 def write_error(e: Exception, what: Path, kept: Path | None) -> UserError:
-    """One line for a failed write: the path, the error, and what is still intact."""
-    path = getattr(e, "filename", None) or what
+    """One line for a failed write: what was being written, the error, what is still intact."""
     reason = DISK_ERRORS.get(getattr(e, "errno", None)) or getattr(e, "strerror", None) or str(e) or type(e).__name__
-    tail = f"; the previous checkpoint {kept} is intact" if kept else ""
-    return UserError(f"cannot write {path}: {reason}{tail}")
+    file = getattr(e, "filename", None)
+    where = f" ({file})" if file and str(file) != str(what) else ""
+    tail = f"; the checkpoint in {kept} is intact" if kept else ""
+    return UserError(f"cannot write {what}: {reason}{where}{tail}")
 
 
 def stop_if_interrupted(trainer) -> None:
