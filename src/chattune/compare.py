@@ -113,10 +113,10 @@ def run(args) -> int:
         return work(Path(args.output_dir), args.worker, args.with_base)
     record = resolve(args)
     out = Path(record["output_dir"])
-    claim(out, record)
     from chattune.runguard import RunLock
 
     with RunLock(out, "compare"):  # one comparison per OUT; each method's run has its own lock too
+        claim(out, record)
         rows = sweep(out, record["methods"], verbose=getattr(args, "verbose", False))
         from chattune.compare_report import base_row, markdown_table, write_report
 
@@ -283,7 +283,7 @@ def claim(out: Path, record: dict) -> None:
         if diffs:
             raise UserError(f"{out} holds a comparison with other settings ({', '.join(diffs[:4])}); "
                             f"re-run it with its own settings or pick another --output-dir")
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and any(p.name != ".lock" for p in out.iterdir()):
         raise UserError(f"{out} exists and is not a chattune compare directory; pick another --output-dir")
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(record, sort_keys=False))
