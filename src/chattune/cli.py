@@ -13,6 +13,7 @@ import os
 import sys
 
 from chattune.errors import UserError
+from chattune.runguard import Interrupted
 
 COMMON_HELP = "common flags override the YAML config; any other key: --set section.key=value"
 
@@ -47,7 +48,6 @@ def _flags(args) -> dict:
 def cmd_train(args) -> int:
     from pathlib import Path
 
-    from chattune.runguard import Interrupted
     from chattune.settings import FLAG_KEYS, build_config
     from chattune.train import train
 
@@ -62,11 +62,7 @@ def cmd_train(args) -> int:
             print(f"resuming {args.resume} with {', '.join(changed)} changed", file=sys.stderr)
     else:
         cfg = build_config(args.config, _flags(args), args.set)
-    try:
-        summary = train(cfg, resume=bool(args.resume))
-    except Interrupted as stop:
-        print(stop, file=sys.stderr, flush=True)
-        return stop.exit_code
+    summary = train(cfg, resume=bool(args.resume))
     from accelerate import PartialState
 
     if PartialState().is_main_process:
@@ -209,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"chattune: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as stop:  # a first Ctrl-C/SIGTERM: training wrote its checkpoint
+        print(stop, file=sys.stderr, flush=True)
+        return stop.exit_code
     except KeyboardInterrupt as e:  # chattune.runguard.Abort (a second signal) carries its own code
         print("chattune: interrupted", file=sys.stderr)
         return getattr(e, "exit_code", 130)

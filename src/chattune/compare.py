@@ -343,14 +343,17 @@ def spawn(out: Path, method: str, with_base: bool, verbose: bool = False) -> tup
                 sys.stderr.flush()
                 tail = (tail + text)[-4000:]
             code = proc.wait()
-        finally:  # Ctrl-C reaches the child too; give it a moment to stop cleanly
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
+        finally:  # a terminal's Ctrl-C reaches the child too: it checkpoints and stops; a second
+            # SIGINT would make it stop at once, so it gets one only if it is still running after a while
+            for action in (None, signal.SIGINT, signal.SIGKILL):
+                if proc.poll() is not None:
+                    break
+                if action is not None:
+                    proc.send_signal(action)
                 try:
                     proc.wait(30)
                 except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                    pass
     lines = [ln.strip() for ln in tail.replace("\r", "\n").splitlines() if ln.strip()]
     return code, lines[-1] if lines else ""
 

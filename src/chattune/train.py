@@ -296,8 +296,8 @@ class Trainer:
     def run(self) -> dict:
         self.start()
         step = self.state["step"]
-        bar = tqdm(total=self.total_steps, initial=step, disable=not self.acc.is_main_process, desc="train",
-                   dynamic_ncols=True)
+        bar = tqdm(total=self.total_steps, initial=step, desc="train",
+                   disable=not self.acc.is_main_process or step >= self.total_steps, dynamic_ncols=True)
         last_loss, stopped_early = None, False
         try:
             last_loss, stopped_early = self._loop(bar, step)
