@@ -147,7 +147,7 @@ def killed_run(args: list[str], run: Path, kill_points) -> int:
 
 
 def assert_same_run(a: Path, b: Path) -> None:
-    wa, wb = load_file(a / "checkpoint" / "trainable.safetensors"), load_file(b / "checkpoint" / "trainable.safetensors")
+    wa, wb = (load_file(run / "checkpoint" / "trainable.safetensors") for run in (a, b))
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k  # float32 on CPU: bit for bit

@@ -191,7 +191,8 @@ class Trainer:
                 with open(self.run_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
             except OSError as e:
-                raise runguard.write_error(e, self.run_dir / "metrics.jsonl", ckpt.find_checkpoint(self.run_dir)) from None
+                kept = ckpt.find_checkpoint(self.run_dir)
+                raise runguard.write_error(e, self.run_dir / "metrics.jsonl", kept) from None
             if self.tb is not None:
                 for k, v in record.items():
                     if k != "step" and isinstance(v, (int, float)):
@@ -361,9 +362,8 @@ class Trainer:
 
     def finish(self, last_loss: float | None, stopped_early: bool) -> dict:
         summary = {"steps": self.state["step"], "final_train_loss": self.state.get("last_loss"),
-                   "best_val_loss": self.state["best_val"],
-                   "train_seconds": self.state["train_s"], "tokens": self.state["tokens"],
-                   "loss_tokens": self.state["loss_tokens"],
+                   "best_val_loss": self.state["best_val"], "train_seconds": self.state["train_s"],
+                   "tokens": self.state["tokens"], "loss_tokens": self.state["loss_tokens"],
                    "tokens_per_s": self.state["tokens"] / max(self.state["train_s"], 1e-9),
                    "peak_memory_mb": peak_memory_mb(self.acc.device), "stopped_early": stopped_early,
                    "trainable_params": self.trainable, "total_params": self.total}
@@ -392,3 +392,12 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
         trainer = Trainer(cfg, run_dir, resume=resume)
         trainer.interrupts = interrupts
         return trainer.run()
+
+
+def config_of(run_dir: Path) -> dict:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a chattune run directory (no config.yaml)")
+    from chattune.config import load_yaml
+
+    return load_yaml(path)
