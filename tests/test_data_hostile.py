@@ -232,3 +232,4 @@ def test_train_on_a_file_without_usable_rows_is_one_line(tiny_dirs, tmp_path, ca
                  "--max-steps", "1", "--output-dir", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("chattune: error:"), err
+    assert not (tmp_path / "run").exists()  # the run lock's directory is not left behind

@@ -220,3 +220,15 @@ def test_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tiny_dirs, tmp_
     monkeypatch.undo()
     assert main(["train", "--resume", str(out)]) == 0  # nothing lost beyond the last checkpoint
     assert [m["step"] for m in metrics(out) if "loss" in m] == [1, 2, 3, 4]
+
+
+def test_full_disk_while_starting_is_one_line(tiny_dirs, tmp_path, capsys, monkeypatch):
+    from chattune import train
+
+    def full(obj, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    monkeypatch.setattr(train, "save_yaml", full)
+    out = tmp_path / "run"
+    assert main(train_args(tiny_dirs["gpt2"], out, "--max-steps", "1")) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("chattune:")]
+    assert err == [f"chattune: error: cannot write {out / 'config.yaml'}: no space left on device"]

@@ -62,7 +62,16 @@ def cmd_train(args) -> int:
             print(f"resuming {args.resume} with {', '.join(changed)} changed", file=sys.stderr)
     else:
         cfg = build_config(args.config, _flags(args), args.set)
-    summary = train(cfg, resume=bool(args.resume))
+    try:
+        summary = train(cfg, resume=bool(args.resume))
+    except OSError as e:  # a full disk outside the checkpoint/metrics writes (config, summary, ...)
+        from chattune.checkpoint import find_checkpoint
+        from chattune.runguard import DISK_ERRORS, write_error
+
+        if e.errno not in DISK_ERRORS:
+            raise
+        run_dir = Path(cfg.train.output_dir)
+        raise write_error(e, Path(e.filename or run_dir), find_checkpoint(run_dir)) from None
     from accelerate import PartialState
 
     if PartialState().is_main_process:

@@ -54,6 +54,7 @@ class RunLock:
         self.held = False
 
     def __enter__(self) -> RunLock:
+        self.created = not self.path.parent.exists()  # removed again if nothing was written into it
         self.path.parent.mkdir(parents=True, exist_ok=True)
         me = f"{os.getpid()} {_start_time(os.getpid()) or '-'} {self.what}\n"
         for _ in range(3):  # a race with another taker: re-read and retry
@@ -95,6 +96,11 @@ class RunLock:
             except (OSError, IndexError):
                 pass
             self.held = False
+            if self.created:
+                try:
+                    self.path.parent.rmdir()
+                except OSError:
+                    pass  # not empty: the run wrote something
 
 
 class Interrupted(Exception):
