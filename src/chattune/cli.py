@@ -54,6 +54,8 @@ def cmd_train(args) -> int:
     if args.resume:
         if args.config:
             raise UserError("--resume reads the run's own config.yaml; do not pass --config with it")
+        if args.output_dir and Path(args.output_dir).resolve() != Path(args.resume).resolve():
+            raise UserError("--resume continues RUN in its own directory; drop --output-dir")
         from chattune.resume import resume_config
 
         given = {FLAG_KEYS[k]: v for k, v in _flags(args).items() if v is not None and k != "output_dir"}
