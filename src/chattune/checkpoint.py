@@ -2,9 +2,10 @@
 
 ``run_dir/checkpoint/`` holds the trainable weights, the AdamW state, the RNG states and
 the data position; ``run_dir/checkpoint-previous/`` the one before it. A checkpoint is
-written into ``.checkpoint-tmp`` (every file fsynced, ``state.json`` last, so a directory
+written into ``.checkpoint-tmp`` (every file fsynced, ``state.json`` last and by a rename, so a directory
 without it is incomplete), then the newest becomes the previous and the new one the
-newest, by renames only: a kill at any moment leaves at least one complete checkpoint.
+newest, by renames only: a kill at any moment leaves at least one complete checkpoint
+(tests/test_interrupts.py kills a run at every write and rename).
 Optimiser state is flattened into safetensors (tensors) plus JSON (hyper-parameters)
 rather than pickled, so loading a checkpoint never executes code.
 
@@ -33,7 +34,6 @@ CHECKPOINT = "checkpoint"
 PREVIOUS = "checkpoint-previous"
 _TMP = ".checkpoint-tmp"
 _LEGACY = ".checkpoint-old"  # written by earlier versions between their two renames
-FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
 
 
 class CheckpointError(UserError):
@@ -67,10 +67,18 @@ def _remove(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def recover_dir(final: Path) -> None:
+    """A kill between ``atomic_dir``'s two renames leaves ``final`` missing: put the old one back."""
+    old = final.parent / f".{final.name}-old"
+    if old.is_dir() and not final.exists():
+        old.rename(final)
+
+
 def atomic_dir(final: Path, write) -> None:
     """Call ``write(tmp_dir)`` then swap ``tmp_dir`` into ``final`` with renames only."""
     tmp = final.parent / f".{final.name}-tmp"
     old = final.parent / f".{final.name}-old"
+    recover_dir(final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -121,7 +129,9 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: dict) -> 
         write_file(tmp / "rng.safetensors", save_bytes(rng))
         full = dict(state, optimizer=meta, scheduler=scheduler.state_dict(),
                     python_rng=_jsonable(random.getstate()), numpy_rng=_jsonable(np.random.get_state()))
-        write_file(tmp / "state.json", json.dumps(full).encode())
+        # state.json marks the checkpoint complete, so it must never exist torn: written aside, then renamed
+        write_file(tmp / "state.json.part", json.dumps(full).encode())
+        os.replace(tmp / "state.json.part", tmp / "state.json")
         _fsync_dir(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -139,7 +149,9 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: dict) -> 
 # -- finding and loading ------------------------------------------------------------------
 def settle(run_dir: Path) -> None:
     """Finish what a kill interrupted: a complete ``.checkpoint-tmp`` (killed between the two
-    renames) or an earlier version's ``.checkpoint-old`` becomes the newest checkpoint."""
+    renames) or an earlier version's ``.checkpoint-old`` becomes the newest checkpoint; an
+    adapter directory caught between its renames is put back."""
+    recover_dir(run_dir / "adapter")
     newest = run_dir / CHECKPOINT
     for leftover in (run_dir / _TMP, run_dir / _LEGACY):
         if not leftover.exists():
