@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 TORCH_VERSION := 2.13.0
 
-.PHONY: demo test test-slow bench venv clean
+.PHONY: demo test test-slow test-killanywhere bench venv clean
 
 venv: .venv/.installed
 
@@ -23,6 +23,10 @@ test: venv
 
 test-slow: venv
 	$(PY) -m pytest -q -m slow
+
+# one run SIGKILLed at every kill point in turn (tests/killpoints.py), resumed after each
+test-killanywhere: venv
+	$(PY) -m pytest -q -m slow tests/test_interrupts.py::test_kill_anywhere
 
 bench: venv
 	$(PY) benchmarks/throughput.py

@@ -13,6 +13,7 @@ import os
 import sys
 
 from chattune.errors import UserError
+from chattune.runguard import Interrupted
 
 COMMON_HELP = "common flags override the YAML config; any other key: --set section.key=value"
 
@@ -45,20 +46,34 @@ def _flags(args) -> dict:
 
 
 def cmd_train(args) -> int:
-    from chattune.settings import RunConfig, build_config
-    from chattune.train import config_of, train
     from pathlib import Path
+
+    from chattune.settings import FLAG_KEYS, build_config
+    from chattune.train import train
 
     if args.resume:
         if args.config:
             raise UserError("--resume reads the run's own config.yaml; do not pass --config with it")
-        from chattune.config import from_dict
+        if args.output_dir and Path(args.output_dir).resolve() != Path(args.resume).resolve():
+            raise UserError("--resume continues RUN in its own directory; drop --output-dir")
+        from chattune.resume import resume_config
 
-        cfg = from_dict(RunConfig, config_of(Path(args.resume)), "config")
-        cfg.train.output_dir = args.resume
+        given = {FLAG_KEYS[k]: v for k, v in _flags(args).items() if v is not None and k != "output_dir"}
+        cfg, changed = resume_config(Path(args.resume), given, args.set)
+        if changed:
+            print(f"resuming {args.resume} with {', '.join(changed)} changed", file=sys.stderr)
     else:
         cfg = build_config(args.config, _flags(args), args.set)
-    summary = train(cfg, resume=bool(args.resume))
+    try:
+        summary = train(cfg, resume=bool(args.resume))
+    except OSError as e:  # a full disk outside the checkpoint/metrics writes (config, summary, ...)
+        from chattune.checkpoint import find_checkpoint
+        from chattune.runguard import DISK_ERRORS, write_error
+
+        if e.errno not in DISK_ERRORS:
+            raise
+        run_dir = Path(cfg.train.output_dir)
+        raise write_error(e, Path(e.filename or run_dir), find_checkpoint(run_dir)) from None
     from accelerate import PartialState
 
     if PartialState().is_main_process:
@@ -67,9 +82,12 @@ def cmd_train(args) -> int:
 
 
 def _format_summary(s: dict, run_dir: str) -> str:
-    val = f"{s['best_val_loss']:.4f}" if s.get("best_val_loss") is not None else "n/a"
-    return (f"done: {s['steps']} steps, final train loss {s['final_train_loss']:.4f}, best val loss {val}, "
-            f"{s['tokens_per_s']:.0f} tokens/s, peak memory {s['peak_memory_mb']:.0f} MB -> {run_dir}")
+    def num(key: str, fmt: str) -> str:
+        return "n/a" if s.get(key) is None else format(s[key], fmt)
+
+    return (f"done: {s.get('steps')} steps, final train loss {num('final_train_loss', '.4f')}, best val loss "
+            f"{num('best_val_loss', '.4f')}, {num('tokens_per_s', '.0f')} tokens/s, peak memory "
+            f"{num('peak_memory_mb', '.0f')} MB -> {run_dir}")
 
 
 def cmd_eval(args) -> int:
@@ -201,9 +219,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"chattune: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except Interrupted as stop:  # a first Ctrl-C/SIGTERM: training wrote its checkpoint
+        print(stop, file=sys.stderr, flush=True)
+        return stop.exit_code
+    except KeyboardInterrupt as e:  # chattune.runguard.Abort (a second signal) carries its own code
         print("chattune: interrupted", file=sys.stderr)
-        return 130
+        return getattr(e, "exit_code", 130)
 
 
 if __name__ == "__main__":

@@ -113,12 +113,15 @@ def run(args) -> int:
         return work(Path(args.output_dir), args.worker, args.with_base)
     record = resolve(args)
     out = Path(record["output_dir"])
-    claim(out, record)
-    rows = sweep(out, record["methods"], verbose=getattr(args, "verbose", False))
-    from chattune.compare_report import base_row, markdown_table, write_report
+    from chattune.runguard import RunLock
 
-    base = base_row(read_json(out / "base.json"))
-    write_report(out, record, base, rows)
+    with RunLock(out, "compare"):  # one comparison per OUT; each method's run has its own lock too
+        claim(out, record)
+        rows = sweep(out, record["methods"], verbose=getattr(args, "verbose", False))
+        from chattune.compare_report import base_row, markdown_table, write_report
+
+        base = base_row(read_json(out / "base.json"))
+        write_report(out, record, base, rows)
     print(markdown_table(([base] if base else []) + rows))
     print(f"\nreport: {out / 'report.html'}")
     failed = [r["method"] for r in rows if r["status"] != "done"]
@@ -280,7 +283,7 @@ def claim(out: Path, record: dict) -> None:
         if diffs:
             raise UserError(f"{out} holds a comparison with other settings ({', '.join(diffs[:4])}); "
                             f"re-run it with its own settings or pick another --output-dir")
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and any(p.name != ".lock" for p in out.iterdir()):
         raise UserError(f"{out} exists and is not a chattune compare directory; pick another --output-dir")
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(record, sort_keys=False))
@@ -340,14 +343,17 @@ def spawn(out: Path, method: str, with_base: bool, verbose: bool = False) -> tup
                 sys.stderr.flush()
                 tail = (tail + text)[-4000:]
             code = proc.wait()
-        finally:  # Ctrl-C reaches the child too; give it a moment to stop cleanly
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
+        finally:  # a terminal's Ctrl-C reaches the child too: it checkpoints and stops; a second
+            # SIGINT would make it stop at once, so it gets one only if it is still running after a while
+            for action in (None, signal.SIGINT, signal.SIGKILL):
+                if proc.poll() is not None:
+                    break
+                if action is not None:
+                    proc.send_signal(action)
                 try:
                     proc.wait(30)
                 except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                    pass
     lines = [ln.strip() for ln in tail.replace("\r", "\n").splitlines() if ln.strip()]
     return code, lines[-1] if lines else ""
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import time
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from chattune import attention
+from chattune import attention, resume, runguard
 from chattune import checkpoint as ckpt
 from chattune.config import save_yaml
 from chattune.data import batch_plan, collate, prepare
@@ -157,7 +158,9 @@ class Trainer:
                             t.max_steps or max(1, math.ceil(t.epochs * self.steps_per_epoch)))
         self.scheduler = get_cosine_schedule_with_warmup(
             self.optimizer, int(t.warmup_ratio * self.total_steps), self.total_steps)
-        self.state = {"step": 0, "best_val": None, "bad_evals": 0, "tokens": 0, "loss_tokens": 0, "train_s": 0.0}
+        self.state = {"step": 0, "best_val": None, "bad_evals": 0, "tokens": 0, "loss_tokens": 0, "train_s": 0.0,
+                      "last_loss": None}
+        self.saved_step, self.interrupts = None, None
 
     def steps_for_tokens(self, budget: int) -> int:
         """Optimiser steps until ``budget`` conversation tokens have been seen."""
@@ -174,8 +177,12 @@ class Trainer:
     # -- bookkeeping ---------------------------------------------------------------
     def log(self, record: dict) -> None:
         if self.acc.is_main_process:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:
+                kept = ckpt.find_checkpoint(self.run_dir)
+                raise runguard.write_error(e, self.run_dir / "metrics.jsonl", kept) from None
             if self.tb is not None:
                 for k, v in record.items():
                     if k != "step" and isinstance(v, (int, float)):
@@ -184,8 +191,14 @@ class Trainer:
     def save(self) -> None:
         if self.acc.is_main_process:
             unwrapped = self.acc.unwrap_model(self.model)
-            ckpt.atomic_dir(self.run_dir / "adapter", lambda d: self.method.save(unwrapped, d))
-            ckpt.save_checkpoint(self.run_dir, unwrapped, self.optimizer, self.scheduler, self.state)
+            target = self.run_dir / "adapter"
+            try:  # a full disk ends in one line; the atomic writes keep what was there
+                ckpt.atomic_dir(target, lambda d: self.method.save(unwrapped, d))
+                target = self.run_dir / ckpt.CHECKPOINT
+                ckpt.save_checkpoint(self.run_dir, unwrapped, self.optimizer, self.scheduler, self.state)
+            except (OSError, ckpt.SafetensorError) as e:
+                raise runguard.write_error(e, target, ckpt.find_checkpoint(self.run_dir)) from None
+        self.saved_step = self.state["step"]
         self.acc.wait_for_everyone()
 
     def start(self) -> None:
@@ -213,19 +226,7 @@ class Trainer:
                     raise UserError("train.tensorboard needs the tensorboard package: pip install 'chattune[tensorboard]'") from None
                 self.tb = SummaryWriter(self.run_dir / "tb")
         if self.resume:
-            found = ckpt.find_checkpoint(self.run_dir)
-            if found is None:
-                raise UserError(f"{self.run_dir} has no checkpoint to resume from")
-            self.state = ckpt.load_checkpoint(found, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler)
-            if self.acc.is_main_process:
-                self._forget_metrics_after(self.state["step"])
-
-    def _forget_metrics_after(self, step: int) -> None:
-        """A killed run logged steps past its last checkpoint; the resumed run redoes them."""
-        path = self.run_dir / "metrics.jsonl"
-        if path.is_file():
-            lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-            path.write_text("".join(ln + "\n" for ln in lines))
+            resume.restore_into(self)
 
     # -- one optimiser step ---------------------------------------------------------
     def step(self, group: list[list[int]]) -> tuple[float, int, int]:
@@ -286,8 +287,8 @@ class Trainer:
     def run(self) -> dict:
         self.start()
         step = self.state["step"]
-        bar = tqdm(total=self.total_steps, initial=step, disable=not self.acc.is_main_process, desc="train",
-                   dynamic_ncols=True)
+        bar = tqdm(total=self.total_steps, initial=step, desc="train",
+                   disable=not self.acc.is_main_process or step >= self.total_steps, dynamic_ncols=True)
         last_loss, stopped_early = None, False
         try:
             last_loss, stopped_early = self._loop(bar, step)
@@ -301,6 +302,7 @@ class Trainer:
         epoch_cache: dict[int, list] = {}
         last_loss, stopped_early = None, False
         while step < self.total_steps:
+            runguard.stop_if_interrupted(self)
             epoch, pos = divmod(step, self.steps_per_epoch)
             if epoch not in epoch_cache:
                 epoch_cache = {epoch: self.plan.epoch(epoch)}
@@ -317,7 +319,7 @@ class Trainer:
             window["tokens"] += tokens
             window["steps"] += 1
             window["step_s"] += dt
-            last_loss = loss
+            last_loss = self.state["last_loss"] = loss
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{window['tokens'] / max(window['step_s'], 1e-9):.0f}")
             if step % t.log_every == 0 or step == self.total_steps:
@@ -349,9 +351,9 @@ class Trainer:
         return bool(patience) and self.state["bad_evals"] >= patience
 
     def finish(self, last_loss: float | None, stopped_early: bool) -> dict:
-        summary = {"steps": self.state["step"], "final_train_loss": last_loss, "best_val_loss": self.state["best_val"],
-                   "train_seconds": self.state["train_s"], "tokens": self.state["tokens"],
-                   "loss_tokens": self.state["loss_tokens"],
+        summary = {"steps": self.state["step"], "final_train_loss": self.state.get("last_loss"),
+                   "best_val_loss": self.state["best_val"], "train_seconds": self.state["train_s"],
+                   "tokens": self.state["tokens"], "loss_tokens": self.state["loss_tokens"],
                    "tokens_per_s": self.state["tokens"] / max(self.state["train_s"], 1e-9),
                    "peak_memory_mb": peak_memory_mb(self.acc.device), "stopped_early": stopped_early,
                    "trainable_params": self.trainable, "total_params": self.total}
@@ -370,8 +372,16 @@ class _null:
 
 
 def train(cfg: RunConfig, resume: bool = False) -> dict:
-    """Train one run into ``cfg.train.output_dir``; returns the summary written there."""
-    return Trainer(cfg, Path(cfg.train.output_dir), resume=resume).run()
+    """Train one run into ``cfg.train.output_dir``; returns the summary written there.
+
+    Raises ``runguard.Interrupted`` after a first SIGINT/SIGTERM (checkpoint written) and
+    UserError when another live process holds the run directory."""
+    run_dir = Path(cfg.train.output_dir)
+    main = os.environ.get("RANK", "0") == "0"  # under `accelerate launch` the main process holds the lock
+    with runguard.Interrupts() as interrupts, (runguard.RunLock(run_dir) if main else _null()):
+        trainer = Trainer(cfg, run_dir, resume=resume)
+        trainer.interrupts = interrupts
+        return trainer.run()
 
 
 def config_of(run_dir: Path) -> dict:
@@ -381,4 +391,3 @@ def config_of(run_dir: Path) -> dict:
     from chattune.config import load_yaml
 
     return load_yaml(path)
-

@@ -4,6 +4,12 @@ Five row formats share one shape after parsing: a ``Row`` holding one conversati
 side (arena rows have sides "a" and "b", every other format one side, ``None``). A row
 that cannot be read becomes a ``BadRow`` carrying its reason, so the caller can count it
 (or stop on it with --strict) instead of crashing: counters are the contract.
+
+Hostile files are part of that contract: a byte-order mark, CRLF endings, invalid UTF-8
+(replaced), unicode line separators inside strings (only ``\n`` ends a JSONL row), values
+nested past the parser's limit, lone surrogates and huge numbers each cost one counted row,
+never a traceback; a file that cannot be opened at all (a directory, a symlink loop, no
+permission) ends in one line.
 """
 
 from __future__ import annotations
@@ -71,6 +77,8 @@ def _records(dataset: str) -> tuple[str, Iterator[tuple[str, dict | BadRow]]]:
         path = resources.files("chattune").joinpath("resources", "sample_arena.jsonl")
         return "sample (built in)", _jsonl(path.read_text(encoding="utf-8").splitlines(), "sample_arena.jsonl")
     path = Path(dataset).expanduser()
+    if path.is_symlink() and not path.exists():
+        raise UserError(f"--dataset {dataset} is a broken symlink or a symlink loop")
     if path.is_dir():
         raise UserError(f"--dataset {dataset} is a directory; give a .jsonl, .json or .parquet file")
     if path.is_file():
@@ -84,15 +92,26 @@ def _records(dataset: str) -> tuple[str, Iterator[tuple[str, dict | BadRow]]]:
 
 
 def _read_file(path: Path, suffix: str) -> Iterator[tuple[str, dict | BadRow]]:
+    try:
+        yield from _read_text_or_parquet(path, suffix)
+    except OSError as e:  # permission, I/O error, a file replaced by a directory mid-read
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def _read_text_or_parquet(path: Path, suffix: str) -> Iterator[tuple[str, dict | BadRow]]:
+    # utf-8-sig: a byte-order mark is not part of the first row; newline="\n": only \n (or
+    # \r\n) ends a row, as JSONL says, not a stray \r
     if suffix == ".jsonl":
-        with path.open(encoding="utf-8", errors="replace") as f:
+        with path.open(encoding="utf-8-sig", errors="replace", newline="\n") as f:
             yield from _jsonl(f, str(path))
     elif suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+            data = json.loads(path.read_text(encoding="utf-8-sig", errors="replace"))
         except json.JSONDecodeError as e:
             raise UserError(f"{path}: not valid JSON (line {e.lineno}: {e.msg}); "
                             "one object per line needs the .jsonl suffix") from None
+        except (ValueError, RecursionError) as e:
+            raise UserError(f"{path}: not usable JSON ({_json_problem(e)})") from None
         if not isinstance(data, list):
             raise UserError(f"{path}: expected a JSON array of rows, got {type(data).__name__}")
         for i, rec in enumerate(data, 1):
@@ -111,7 +130,16 @@ def _jsonl(lines, name: str) -> Iterator[tuple[str, dict | BadRow]]:
         except json.JSONDecodeError as e:
             yield where, BadRow("malformed_json", e.msg)
             continue
+        except (ValueError, RecursionError) as e:
+            yield where, BadRow("malformed_json", _json_problem(e))
+            continue
         yield where, rec if isinstance(rec, dict) else BadRow("not_an_object", type(rec).__name__)
+
+
+def _json_problem(e: Exception) -> str:
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    return str(e).splitlines()[0][:120]  # e.g. an integer of more than 4300 digits
 
 
 def _parquet(path: Path) -> Iterator[tuple[str, dict]]:
@@ -186,11 +214,23 @@ def _parser(fmt: str, cfg: DataConfig, first: dict | None):
 
 
 def _only_answer_model(first: dict | None) -> str | None:
+    if first is None:
+        return None  # no readable row: nothing to choose for (every row is counted bad)
     models = sorted(first["answers"]) if first and isinstance(first.get("answers"), dict) else []
     if len(models) == 1:
         return models[0]
+    if not models:
+        return None  # the rows' answers are unusable: each is counted (missing_answer, wrong_type)
     raise UserError("prompt-answers rows hold several answers: choose one with --answer-model "
                     f"({', '.join(models) or 'no answers found in the first row'})")
+
+
+def _check_text(text: str) -> None:
+    """JSON's \\ud800 escapes give lone surrogates: text no tokenizer or hash can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRow("invalid_text", "a lone surrogate (\\ud800-\\udfff) in the text") from None
 
 
 ROLES = {"user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
@@ -210,6 +250,7 @@ def _messages(raw: Any, role_key: str, text_key: str) -> list[dict]:
         role, text = m[role_key], m[text_key]
         if not isinstance(role, str) or not isinstance(text, str):
             raise BadRow("wrong_type", f"turn {i}: '{role_key}' and '{text_key}' must be strings")
+        _check_text(text)
         if role.lower() not in ROLES:
             raise BadRow("unknown_role", f"turn {i} has role {role!r}")
         out.append({"role": ROLES[role.lower()], "content": text})
@@ -272,6 +313,8 @@ def _alpaca(rec: dict, where: str) -> Row:
     instruction, extra, output = rec["instruction"], rec.get("input") or "", rec["output"]
     if not all(isinstance(v, str) for v in (instruction, extra, output)):
         raise BadRow("wrong_type", "'instruction', 'input' and 'output' must be strings")
+    for text in (instruction, extra, output):
+        _check_text(text)
     prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
     return Row(where, _row_id(rec, where, "id"), {None: [{"role": "user", "content": prompt},
                                                          {"role": "assistant", "content": output}]})
@@ -287,5 +330,7 @@ def _prompt_answers(rec: dict, where: str, model: str) -> Row:
         raise BadRow("missing_answer", f"no answer from '{model}'")
     if not isinstance(answers[model], str):
         raise BadRow("wrong_type", f"the answer from '{model}' is not a string")
+    _check_text(prompt)
+    _check_text(answers[model])
     return Row(where, _row_id(rec, where, "id", "question_id"), {None: [{"role": "user", "content": prompt},
                                                                        {"role": "assistant", "content": answers[model]}]})
