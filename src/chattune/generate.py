@@ -15,7 +15,7 @@ from chattune.config import from_dict, load_yaml
 from chattune.data import render_prompt_ids, stop_strings
 from chattune.errors import UserError
 from chattune.methods import get_method
-from chattune.models import load_model
+from chattune.init_from import load_start_model
 from chattune.settings import RunConfig
 
 
@@ -31,7 +31,7 @@ class LoadedRun:
         """Context manager yielding a model that behaves as the untouched base."""
         if self.method.disable is not None:
             return _yielding(self.model, self.method.disable(self.model))
-        return contextlib.nullcontext(load_model(self.cfg.model.name, trust_remote_code=self.cfg.model.trust_remote_code))
+        return contextlib.nullcontext(load_start_model(self.cfg.model))
 
 
 @contextlib.contextmanager
@@ -47,8 +47,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     cfg = from_dict(RunConfig, load_yaml(run_dir / "config.yaml"), "config")
     method = get_method(cfg.method.name)
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
-    base = load_model(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code,
-                      attn_implementation=cfg.model.attn_implementation)
+    base = load_start_model(cfg.model)  # the base model, or the --init-from run it started from
     model = method.load(base, run_dir / "adapter")
     model.eval()
     return LoadedRun(cfg, model, tokenizer, method, run_dir)
