@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -82,6 +83,7 @@ def attach_reference(trainer) -> None:
     key = reference_key(cfg, {n: data[n] for n in names})
     stored = load_reference(trainer.run_dir, key)
     if stored is None:
+        t0 = time.perf_counter()
         model = trainer.acc.unwrap_model(trainer.model)
         stored = {n: reference_logps(model, trainer.objective, data[n], trainer.tokenizer.pad_token_id,
                                      cfg.train.batch_size, trainer.acc.device, trainer.dtype, trainer.packing,
@@ -91,6 +93,8 @@ def attach_reference(trainer) -> None:
             save_file({n: t.contiguous() for n, t in stored.items()}, tmp, metadata={"key": key})
             tmp.rename(trainer.run_dir / FILE)  # atomic: a kill leaves no half-written reference
         trainer.acc.wait_for_everyone()
+        trainer.log({"step": 0, "reference_seconds": time.perf_counter() - t0,
+                     "reference_pairs": sum(len(data[n]) for n in names)})
     for n in names:
         for s, ref in zip(data[n], stored[n].tolist()):
             s["ref"] = ref
