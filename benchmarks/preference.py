@@ -66,7 +66,8 @@ def run_chattune(spec: dict, packing: bool) -> dict:
     # the same pairs: every pair once (the token budget ends a packed run when all are seen)
     cmd += ["--max-tokens", str(spec["tokens"])] if packing else ["--max-steps", str(spec["steps"])]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**_env(), "PYTHONPATH": str(REPO / "src")})
+    env = {**_env(), "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
     if proc.returncode != 0:
         sys.exit(f"preference: chattune failed:\n{proc.stderr[-3000:]}")
     summary = json.loads(proc.stdout.strip().splitlines()[-1])

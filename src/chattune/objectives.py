@@ -193,8 +193,9 @@ def pair_logps(model, batch: dict, full_logits: bool = False) -> tuple[torch.Ten
     # kept position lies in the position's own segment.
     seg = batch["segment_ids"][keep]  # (N,)
     n = 2 * batch["pairs"]
-    logps = torch.zeros(n, dtype=torch.float32, device=ce.device).index_add(0, seg, -ce.float())
-    lengths = torch.zeros(n, dtype=torch.float32, device=ce.device).index_add(0, seg, torch.ones_like(ce, dtype=torch.float32))
+    zeros = torch.zeros(n, dtype=torch.float32, device=ce.device)
+    logps = zeros.index_add(0, seg, -ce.float())
+    lengths = zeros.index_add(0, seg, torch.ones_like(ce, dtype=torch.float32))
     return logps.view(-1, 2), lengths.view(-1, 2)
 
 

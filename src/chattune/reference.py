@@ -79,7 +79,9 @@ def attach_reference(trainer) -> None:
     """Give every pair of the run its ``"ref"`` log-probs: read from the run directory, or
     computed now with the (not yet trained) model and stored there."""
     data, cfg = trainer.data.splits, trainer.cfg
-    names = [n for n in ("train", "validation", "test") if data[n] and (n != "train" or trainer.objective.needs_reference)]
+    # SimPO and ORPO train without a reference; eval still ranks held-out pairs by it
+    names = [n for n in ("train", "validation", "test") if data[n]
+             and (n != "train" or trainer.objective.needs_reference)]
     key = reference_key(cfg, {n: data[n] for n in names})
     stored = load_reference(trainer.run_dir, key)
     if stored is None:
