@@ -201,3 +201,20 @@ def test_preference_user_mistakes_get_one_line(tiny_dirs, tmp_path, capsys, fixt
     assert main([*pref_args(tiny_dirs["gpt2"], tmp_path / "run", "--max-steps", "1"), *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_two_processes_equal_one_with_double_accumulation(tiny_dirs, tmp_path):
+    import subprocess
+    import sys
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ["--objective", "dpo", "--max-steps", "2", "--lr", "1e-2", "--no-packing", "--set", "data.max_rows=24"]
+    assert main(pref_args(tiny_dirs["llama"], one, *common, "--grad-accum", "4")) == 0
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "chattune.cli",
+           *pref_args(tiny_dirs["llama"], two, *common, "--grad-accum", "2")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    a, b = [m for m in metrics(one) if "loss" in m], [m for m in metrics(two) if "loss" in m]
+    for key in ("loss", "reward_accuracy", "reward_margin", "logp_chosen", "length_rejected"):
+        assert [m[key] for m in a] == pytest.approx([m[key] for m in b], rel=1e-4, abs=1e-6), key
