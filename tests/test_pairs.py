@@ -73,6 +73,16 @@ def test_prompt_that_alone_exceeds_max_length_is_dropped_and_counted(fixtures, t
         assert chosen["input_ids"] != rejected["input_ids"]
 
 
+def test_no_pair_left_names_the_reasons(fixtures, tiny_tokenizer):
+    cfg = DataConfig(dataset=str(fixtures / "pair_rows.jsonl"), max_length=8, val_ratio=0, test_ratio=0)
+    with pytest.raises(UserError, match="no training pairs left from 8 rows; dropped: prompt_too_long 4"):
+        prepare_pairs(cfg, tiny_tokenizer)
+    cfg = DataConfig(dataset=str(fixtures / "pair_rows.jsonl"), max_length=64, val_ratio=0, test_ratio=0)
+    stats = prepare_pairs(cfg, tiny_tokenizer).stats()
+    assert stats["pairs"]["rows_read"] == 8 and stats["pairs"]["token_dropped"] == {"prompt_too_long": 1}
+    assert stats["train"]["samples"] == 3
+
+
 def test_prompt_answers_pairs_need_both_models(fixtures):
     cfg = dict(dataset=str(fixtures / "prompt_answers.jsonl"))
     pairs = load_pairs(DataConfig(**cfg, chosen_model="model-x", rejected_model="model-y"))

@@ -89,14 +89,23 @@ def split_pair(sample: dict) -> list[dict]:
             {"input_ids": sample["input_ids"][n:], "labels": sample["labels"][n:]}]
 
 
-def prepare_pairs(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
+class PairData(PreparedData):
+    """Tokenised pairs per split; ``stats()`` also accounts for every row that made no pair."""
+
+    def stats(self) -> dict[str, dict]:
+        pairs = self.conversations
+        return {**super().stats(), "pairs": {"rows_read": pairs.rows_read, "rows_kept": pairs.rows_kept,
+                                             "dropped": dict(pairs.dropped), "token_dropped": dict(self.token_dropped)}}
+
+
+def prepare_pairs(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> PairData:
     """Load, select and tokenise pairs; each answer fits ``cfg.max_length`` on its own.
 
     A pair whose prompt alone fills ``max_length`` (no answer token fits), or whose two
     answers are identical once cut to fit, is dropped and counted in ``token_dropped``.
     """
     pairs = load_pairs(cfg)
-    data = PreparedData(pairs, {"train": [], "validation": [], "test": []})
+    data = PairData(pairs, {"train": [], "validation": [], "test": []})
     for pair in pairs.samples:
         chosen, rejected = _tokenize(pair["chosen"], tokenizer, cfg), _tokenize(pair["rejected"], tokenizer, cfg)
         if chosen is None or rejected is None:
@@ -107,4 +116,8 @@ def prepare_pairs(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Prepar
             continue
         data.truncated[pair["split"]] += chosen[2] or rejected[2]
         data.splits[pair["split"]].append(pair_sample(pair["id"], chosen, rejected))
+    if not data.splits["train"]:
+        lost = (pairs.dropped + data.token_dropped).most_common()
+        raise UserError(f"no training pairs left from {pairs.rows_read} rows; dropped: "
+                        + (", ".join(f"{k} {v}" for k, v in lost) or "none"))
     return data
