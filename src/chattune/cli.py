@@ -36,6 +36,13 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="autocast precision (default auto)")
     p.add_argument("--output-dir", help="run directory (default runs/run)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--objective", choices=["sft", "dpo", "ipo", "simpo", "orpo"],
+                   help="training objective (default sft); the others train on preference pairs")
+    p.add_argument("--init-from", metavar="RUN_DIR", help="start from a finished run's trained weights (SFT then DPO)")
+    p.add_argument("--chosen-model", help="prompt-answers rows as pairs: the preferred model's answer")
+    p.add_argument("--rejected-model", help="prompt-answers rows as pairs: the other model's answer")
+    p.add_argument("--turns", choices=["all", "first"], help="all turns, or the first pair (default: all for sft, "
+                   "first for preference pairs)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=COMMON_HELP)
 
 
@@ -49,7 +56,7 @@ def cmd_train(args) -> int:
     from pathlib import Path
 
     from chattune.settings import FLAG_KEYS, build_config
-    from chattune.train import train
+    from chattune.train import config_of, train
 
     if args.resume:
         if args.config:
@@ -63,6 +70,8 @@ def cmd_train(args) -> int:
         if changed:
             print(f"resuming {args.resume} with {', '.join(changed)} changed", file=sys.stderr)
     else:
+        if args.init_from and not (args.model or args.config):  # the earlier run's base model, unless told otherwise
+            args.model = config_of(Path(args.init_from))["model"]["name"]
         cfg = build_config(args.config, _flags(args), args.set)
     try:
         summary = train(cfg, resume=bool(args.resume))

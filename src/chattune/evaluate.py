@@ -107,6 +107,11 @@ def evaluate_run(run, split: str = "test", *, max_samples: int | None = None, nu
     from chattune.models import autocast_dtype
 
     cfg = run.cfg
+    if cfg.train.objective != "sft":  # a preference run is judged on held-out pairs
+        from chattune.preference_eval import evaluate_preference
+
+        return evaluate_preference(run, split, max_samples=max_samples, num_generate=num_generate,
+                                   max_new_tokens=max_new_tokens, include_base=include_base)
     data = prepare(cfg.data, run.tokenizer)
     if split not in data.splits:
         raise UserError(f"unknown split '{split}': choose train, validation or test")

@@ -44,8 +44,8 @@ def export(run_dir: str, out: str) -> str:
 
 
 def _save_base(run, path: Path) -> None:
-    from chattune.models import load_model
+    from chattune.init_from import load_start_model
 
-    base = load_model(run.cfg.model.name, trust_remote_code=run.cfg.model.trust_remote_code)
+    base = load_start_model(run.cfg.model)  # with --init-from: the earlier run merged in, what the method sits on
     base.config.use_cache = True
     base.save_pretrained(path, safe_serialization=True)

@@ -20,7 +20,7 @@ from chattune.data import render_prompt_ids, stop_strings
 from chattune.engine import DEFAULTS, GREEDY, Answer, Engine, Request, SamplingParams, Variant
 from chattune.errors import UserError
 from chattune.methods import get_method
-from chattune.models import load_model
+from chattune.init_from import load_start_model
 from chattune.settings import RunConfig
 
 
@@ -40,7 +40,7 @@ class LoadedRun:
 
     def _fresh_base(self):
         if getattr(self, "_base", None) is None:  # full fine-tuning: the base is a second model, loaded once
-            self._base = load_model(self.cfg.model.name, trust_remote_code=self.cfg.model.trust_remote_code).eval()
+            self._base = load_start_model(self.cfg.model).eval()
         return self._base
 
     @property
@@ -83,8 +83,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     cfg = from_dict(RunConfig, load_yaml(run_dir / "config.yaml"), "config")
     method = get_method(cfg.method.name)
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
-    base = load_model(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code,
-                      attn_implementation=cfg.model.attn_implementation)
+    base = load_start_model(cfg.model)  # the base model, or the --init-from run it started from
     model = method.load(base, run_dir / "adapter")
     model.eval()
     if method.inference is not None:

@@ -25,6 +25,8 @@ class ModelArgs:
     name: str = field("smollm2-135m", help="hub id, local HF directory, .gguf file, or the built-in smollm2-135m")
     trust_remote_code: bool = field(False, help="run modelling code shipped with a hub model (only if you trust it)")
     attn_implementation: str = field("sdpa", help="attention kernel: sdpa or eager")
+    init_from: str | None = field(None, help="start from this finished run's trained weights (merged into the "
+                                  "model; e.g. SFT then DPO); it is then the preference reference")
 
 
 @dataclass
@@ -77,6 +79,15 @@ class TrainArgs:
     early_stopping_patience: int = field(0, help="stop after this many evaluations without improvement (0: off)")
     tensorboard: bool = field(False, help="also log to TensorBoard under output_dir/tb")
     max_eval_samples: int = field(200, help="validation samples used by each in-training evaluation")
+    objective: Literal["sft", "dpo", "ipo", "simpo", "orpo"] = field(
+        "sft", help="sft: next-token loss on answers; dpo|ipo|simpo|orpo: preference pairs (chattune.objectives)")
+    beta: float | None = field(None, help="preference strength: DPO/IPO beta (default 0.1), SimPO beta (default 2.0); "
+                               "scales the logged rewards of ORPO")
+    label_smoothing: float = field(0.0, help="DPO/SimPO: assumed share of flipped votes, robust DPO "
+                                   "(Chowdhury et al. 2024); in [0, 0.5)")
+    simpo_gamma: float = field(1.0, help="SimPO target reward margin gamma")
+    orpo_alpha: float = field(0.1, help="ORPO weight of the odds-ratio term (the paper's lambda)")
+    sft_weight: float = field(0.0, help="preferences: weight of an added SFT term on the chosen answer")
 
     def __post_init__(self):
         for name in ("batch_size", "grad_accum", "log_every", "save_every"):
@@ -88,6 +99,14 @@ class TrainArgs:
             raise UserError("train.max_tokens must be >= 1")
         if self.lr <= 0 or self.epochs <= 0:
             raise UserError("train.lr and train.epochs must be positive")
+        if self.beta is not None and self.beta <= 0:
+            raise UserError("train.beta must be positive")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise UserError("train.label_smoothing must be in [0, 0.5)")
+        if self.label_smoothing and self.objective not in ("dpo", "simpo"):
+            raise UserError(f"train.label_smoothing applies to dpo and simpo, not {self.objective}")
+        if self.orpo_alpha < 0 or self.sft_weight < 0:
+            raise UserError("train.orpo_alpha and train.sft_weight must not be negative")
 
 
 @dataclass
@@ -114,6 +133,8 @@ FLAG_KEYS = {
     "max_steps": "train.max_steps", "max_tokens": "train.max_tokens", "epochs": "train.epochs", "lr": "train.lr", "batch_size": "train.batch_size",
     "grad_accum": "train.grad_accum", "max_length": "data.max_length", "packing": "train.packing",
     "output_dir": "train.output_dir", "seed": "train.seed", "precision": "train.precision",
+    "objective": "train.objective", "init_from": "model.init_from", "chosen_model": "data.chosen_model",
+    "rejected_model": "data.rejected_model", "turns": "data.turns",
 }
 
 

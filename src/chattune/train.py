@@ -10,6 +10,7 @@ accumulation N*k. Checkpoints are atomic and carry the exact data position.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -27,12 +28,13 @@ from transformers import get_cosine_schedule_with_warmup
 from chattune import attention, resume, runguard
 from chattune import checkpoint as ckpt
 from chattune.config import save_yaml
-from chattune.data import batch_plan, collate, prepare
+from chattune.data import batch_plan
 from chattune.errors import UserError
-from chattune.evaluate import loss_on_samples
-from chattune.loss import unwrap, token_loss_sum
+from chattune.init_from import load_start_model
+from chattune.loss import unwrap
 from chattune.methods import count_parameters, get_method
-from chattune.models import autocast_dtype, load_model, load_tokenizer
+from chattune.models import autocast_dtype, load_tokenizer
+from chattune.objectives import MetricWindow, get_objective
 from chattune.settings import RunConfig
 
 
@@ -67,8 +69,7 @@ def store_frozen_weights_in(model, dtype: torch.dtype) -> int:
 
 def build_model(cfg: RunConfig, tokenizer, attn_implementation: str | None = None):
     method = get_method(cfg.method.name)
-    model = load_model(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code,
-                       attn_implementation=attn_implementation or cfg.model.attn_implementation)
+    model = load_start_model(cfg.model, attn_implementation or cfg.model.attn_implementation)
     model = method.apply(model, cfg.method.settings(), tokenizer)
     return model, method
 
@@ -136,7 +137,8 @@ class Trainer:
         self.acc = Accelerator(cpu=not torch.cuda.is_available(), dynamo_backend="inductor" if cfg.train.compile else "no")
         set_seed(cfg.train.seed)
         self.tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
-        self.data = prepare(cfg.data, self.tokenizer)
+        self.objective = get_objective(cfg.train)  # the loss: sft, or a preference objective over pairs
+        self.data = self.objective.prepare(cfg.data, self.tokenizer)
         if not self.data.splits["train"]:
             raise UserError("no training samples left after selection; see `chattune data` for the drop reasons")
         self.packing = resolve_packing(cfg, get_method(cfg.method.name))
@@ -150,8 +152,10 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.model = self.acc.prepare(model)
-        self.plan = Plan(self.data.splits["train"], cfg.train.batch_size, self.packing, cfg.data.max_length,
-                         cfg.train.seed, self.acc.num_processes * cfg.train.grad_accum)
+        self.plan = Plan(self.data.splits["train"], cfg.train.batch_size, self.packing,
+                         cfg.data.max_length * self.objective.segments, cfg.train.seed,
+                         self.acc.num_processes * cfg.train.grad_accum)
+        self.metric_window = MetricWindow(self.objective.metrics)
         self.steps_per_epoch = len(self.plan.epoch(0))
         t = cfg.train
         self.total_steps = (self.steps_for_tokens(t.max_tokens) if t.max_tokens else
@@ -225,6 +229,7 @@ class Trainer:
                 except ImportError:
                     raise UserError("train.tensorboard needs the tensorboard package: pip install 'chattune[tensorboard]'") from None
                 self.tb = SummaryWriter(self.run_dir / "tb")
+        self.objective.start(self)  # preferences: reference log-probs of the starting policy, before any resume
         if self.resume:
             resume.restore_into(self)
 
@@ -233,11 +238,11 @@ class Trainer:
         """Forward/backward over this process's share of ``group``, then one AdamW step."""
         samples = self.plan.samples
         mask_dtype = self.dtype or torch.float32  # sdpa wants the additive mask in the compute dtype
-        batches = [collate([samples[i] for i in mb], self.tokenizer.pad_token_id, packing=self.packing, bins=mb.bins,
-                           mask_dtype=mask_dtype, flat=self.flat) for mb in group]
-        # Normaliser: loss tokens of the whole accumulated batch over all processes, which
-        # every process knows from the shared plan: no all-reduce needed.
-        n_group = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        batches = [self.objective.collate([samples[i] for i in mb], self.tokenizer.pad_token_id, packing=self.packing,
+                                          bins=mb.bins, mask_dtype=mask_dtype, flat=self.flat) for mb in group]
+        # Normaliser: loss units (tokens for SFT, pairs for preferences) of the whole accumulated
+        # batch over all processes, which every process knows from the shared plan: no all-reduce needed.
+        n_group = sum(self.objective.units(b) for b in batches)
         rank, world = self.acc.process_index, self.acc.num_processes
         mine = batches[rank::world]
         # conversation tokens, padding excluded, counted once (on this process's share)
@@ -245,18 +250,20 @@ class Trainer:
         scale = world / n_group  # DDP averages gradients over processes; undo that
         if not mine:  # a short final group: keep DDP's collective in step with a zero-loss pass
             mine, scale = batches[:1], 0.0
-        loss_sum = 0.0
+        loss_sum, metric_sums = 0.0, torch.zeros(len(self.objective.metrics), dtype=torch.float64)
         self.model.train()
         for i, batch in enumerate(mine):
             batch = {k: v.to(self.acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            sync = self.acc.no_sync(self.model) if i < len(mine) - 1 else _null()
+            sync = self.acc.no_sync(self.model) if i < len(mine) - 1 else contextlib.nullcontext()
             with sync, torch.autocast(self.acc.device.type, dtype=self.dtype or torch.float32,
                                       enabled=self.dtype is not None):
-                loss, _ = token_loss_sum(self.model, batch, full_logits=self.cfg.train.loss_logits == "full")
+                loss, metrics = self.objective.loss(self.model, batch, full_logits=self.cfg.train.loss_logits == "full")
                 self.acc.backward(loss * scale)
             loss_sum += float(loss.detach()) if scale else 0.0
-        stats = torch.tensor([loss_sum, tokens], dtype=torch.float64, device=self.acc.device)
+            metric_sums += metrics if scale else 0.0
+        stats = torch.tensor([loss_sum, tokens, *metric_sums.tolist()], dtype=torch.float64, device=self.acc.device)
         stats = self.acc.reduce(stats, reduction="sum")
+        self.metric_window.add(stats[2:], n_group)
         if not math.isfinite(float(stats[0])):
             raise UserError(f"loss became {float(stats[0])} at step {self.state['step'] + 1}; stopped. The last good "
                             f"checkpoint is in {self.run_dir / 'checkpoint'} (resume with a lower --lr)")
@@ -277,8 +284,8 @@ class Trainer:
             return None
         result = None
         if self.acc.is_main_process:
-            result = loss_on_samples(self.acc.unwrap_model(self.model), val, self.tokenizer.pad_token_id,
-                                     self.cfg.eval.batch_size, self.acc.device, self.dtype)["loss"]
+            result = self.objective.validate(self.acc.unwrap_model(self.model), val, self.tokenizer.pad_token_id,
+                                             self.cfg.eval.batch_size, self.acc.device, self.dtype)
         self.acc.wait_for_everyone()
         value = torch.tensor([result or 0.0], device=self.acc.device)
         return float(self.acc.reduce(value, reduction="sum"))
@@ -327,7 +334,8 @@ class Trainer:
                           "loss": window["loss"] / max(window["n"], 1), "lr": self.scheduler.get_last_lr()[0],
                           "grad_norm": self.last_grad_norm, "tokens_per_s": window["tokens"] / max(window["step_s"], 1e-9),
                           "step_seconds": window["step_s"] / window["steps"],
-                          "tokens": self.state["tokens"], "loss_tokens": self.state["loss_tokens"]})
+                          "tokens": self.state["tokens"], "loss_tokens": self.state["loss_tokens"],
+                          **self.metric_window.pop()})
                 window = {"loss": 0.0, "n": 0, "tokens": 0, "steps": 0, "step_s": 0.0}
             if (t.eval_every and step % t.eval_every == 0) or step == self.total_steps:
                 stopped_early = self.evaluate_and_maybe_stop(step)
@@ -363,14 +371,6 @@ class Trainer:
         return summary
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
 def train(cfg: RunConfig, resume: bool = False) -> dict:
     """Train one run into ``cfg.train.output_dir``; returns the summary written there.
 
@@ -378,7 +378,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     UserError when another live process holds the run directory."""
     run_dir = Path(cfg.train.output_dir)
     main = os.environ.get("RANK", "0") == "0"  # under `accelerate launch` the main process holds the lock
-    with runguard.Interrupts() as interrupts, (runguard.RunLock(run_dir) if main else _null()):
+    with runguard.Interrupts() as interrupts, (runguard.RunLock(run_dir) if main else contextlib.nullcontext()):
         trainer = Trainer(cfg, run_dir, resume=resume)
         trainer.interrupts = interrupts
         return trainer.run()

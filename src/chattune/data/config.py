@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from chattune.config import closest, field
 from chattune.errors import UserError
 
-FORMATS = ["auto", "arena", "messages", "sharegpt", "alpaca", "prompt-answers"]
+FORMATS = ["auto", "arena", "messages", "sharegpt", "alpaca", "prompt-answers", "pairs"]
 SIDES = ["winner", "a", "b", "both"]
 TURNS = ["all", "first"]
 TEMPLATES = ["seed", "chat"]
@@ -31,13 +31,17 @@ SEED_PRESET = {
 class DataConfig:
     dataset: str = field("sample", help="'sample' (built in), a hub dataset id such as "
                          "lmsys/chatbot_arena_conversations, or a local .jsonl/.json/.parquet file")
-    format: str = field("auto", help="row format: auto|arena|messages|sharegpt|alpaca|prompt-answers")
+    format: str = field("auto", help="row format: auto|arena|messages|sharegpt|alpaca|prompt-answers|pairs "
+                        "({prompt, chosen, rejected})")
     answer_model: str | None = field(None, help="prompt-answers rows: whose answer to train on")
+    chosen_model: str | None = field(None, help="prompt-answers rows as preference pairs: the preferred model")
+    rejected_model: str | None = field(None, help="prompt-answers rows as preference pairs: the other model")
     preset: str | None = field(None, help="'seed' reproduces the seed notebook's selection: side a, first pair, "
                                "10 < prompt < 1000 and 10 < response < 1500 chars, no flag filter, no dedup")
     side: str = field("winner", help="arena rows: winner (the human vote; a tie gives both, 'tie (bothbad)' "
                       "is dropped) | a | b | both")
-    turns: str = field("all", help="all turns, or only the first user->assistant pair")
+    turns: str | None = field(None, help="all turns, or only the first user->assistant pair (default: all for "
+                              "SFT; first for preference pairs)")
     keep_flagged: bool = field(False, help="keep rows flagged by OpenAI moderation or toxic-chat tags")
     language: str | None = field(None, help="keep only this language (e.g. English)")
     min_prompt_chars: int | None = field(None, help="drop a conversation with a user turn shorter than this")
@@ -57,7 +61,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         for name, valid in (("format", FORMATS), ("side", SIDES), ("turns", TURNS), ("template", TEMPLATES)):
             value = getattr(self, name)
-            if value not in valid:
+            if value not in valid and not (name == "turns" and value is None):
                 raise UserError(f"data.{name}: '{value}' is not one of {', '.join(valid)}{closest(str(value), valid)}")
         if self.preset is not None:
             self._apply_preset()

@@ -44,11 +44,13 @@ class ConversationSet:
     samples: list[dict] = field(default_factory=list)
 
 
-def load_conversations(cfg: DataConfig) -> ConversationSet:
+def load_conversations(cfg: DataConfig, row_samples=None) -> ConversationSet:
     """Read ``cfg.dataset`` and select conversations as ``cfg`` says.
 
     Args:
         cfg: the data configuration.
+        row_samples: ``(row, cfg, seen) -> (samples, misses)``, raising BadRow or Drop;
+            SFT's selection by default (``chattune.data.pairs`` passes its pair rules).
 
     Returns:
         The kept samples with their split, and counters for every row not kept.
@@ -59,12 +61,13 @@ def load_conversations(cfg: DataConfig) -> ConversationSet:
     source = open_source(cfg)
     out = ConversationSet(source=source.name, format=source.format)
     seen: set[bytes] = set()
+    row_samples = row_samples or _row_samples
     for where, row in source.rows:
         out.rows_read += 1
         try:
             if isinstance(row, BadRow):
                 raise row
-            samples, misses = _row_samples(row, cfg, seen)
+            samples, misses = row_samples(row, cfg, seen)
         except BadRow as bad:
             if cfg.strict:
                 raise UserError(f"{where}: {bad} (drop --strict to count and skip such rows)") from None

@@ -1,7 +1,10 @@
 """Read rows from the built-in sample, the hub or a local file, and parse them into ``Row``s.
 
-Five row formats share one shape after parsing: a ``Row`` holding one conversation per
-side (arena rows have sides "a" and "b", every other format one side, ``None``). A row
+Six row formats share one shape after parsing: a ``Row`` holding one conversation per
+side (arena rows have sides "a" and "b", every other format one side, ``None``). Pair
+rows ({prompt, chosen, rejected}, or prompt-answers with --chosen-model/--rejected-model)
+parse as arena rows whose vote went to side "a", so preference pairs and SFT's
+``--side winner`` read them with the arena's own rules. A row
 that cannot be read becomes a ``BadRow`` carrying its reason, so the caller can count it
 (or stop on it with --strict) instead of crashing: counters are the contract.
 
@@ -186,7 +189,7 @@ def _detect(first: dict | None, name: str) -> str:
     keys = set(first)
     for fmt, needed in (("arena", {"conversation_a"}), ("arena", {"conversation_b"}), ("messages", {"messages"}),
                         ("sharegpt", {"conversations"}), ("alpaca", {"instruction", "output"}),
-                        ("prompt-answers", {"prompt", "answers"})):
+                        ("prompt-answers", {"prompt", "answers"}), ("pairs", {"chosen", "rejected"})):
         if needed <= keys:
             return fmt
     raise UserError(f"{name}: cannot tell the row format from the keys {sorted(keys)[:8]}; pass --format")
@@ -209,6 +212,12 @@ def _parser(fmt: str, cfg: DataConfig, first: dict | None):
         return lambda rec, where: _single(rec, where, "conversations", "from", "value")
     if fmt == "alpaca":
         return _alpaca
+    if fmt == "pairs":
+        return _pair
+    if cfg.chosen_model or cfg.rejected_model:
+        if not (cfg.chosen_model and cfg.rejected_model):
+            raise UserError("prompt-answers pairs need both --chosen-model and --rejected-model")
+        return lambda rec, where: _prompt_answer_pair(rec, where, cfg.chosen_model, cfg.rejected_model)
     model = cfg.answer_model or _only_answer_model(first)
     return lambda rec, where: _prompt_answers(rec, where, model)
 
@@ -221,8 +230,8 @@ def _only_answer_model(first: dict | None) -> str | None:
         return models[0]
     if not models:
         return None  # the rows' answers are unusable: each is counted (missing_answer, wrong_type)
-    raise UserError("prompt-answers rows hold several answers: choose one with --answer-model "
-                    f"({', '.join(models) or 'no answers found in the first row'})")
+    raise UserError("prompt-answers rows hold several answers: choose one with --answer-model, or a pair with "
+                    f"--chosen-model and --rejected-model ({', '.join(models) or 'no answers found in the first row'})")
 
 
 def _check_text(text: str) -> None:
@@ -334,3 +343,37 @@ def _prompt_answers(rec: dict, where: str, model: str) -> Row:
     _check_text(answers[model])
     return Row(where, _row_id(rec, where, "id", "question_id"), {None: [{"role": "user", "content": prompt},
                                                                        {"role": "assistant", "content": answers[model]}]})
+
+
+def _prompt_answer_pair(rec: dict, where: str, chosen: str, rejected: str) -> Row:
+    sides: dict = {}
+    for side, model in (("a", chosen), ("b", rejected)):
+        try:
+            sides[side] = _prompt_answers(rec, where, model).sides[None]
+        except BadRow as bad:  # counted under its reason when the pair is selected
+            sides[side] = bad
+    return Row(where, _row_id(rec, where, "id", "question_id"), sides, winner="model_a")
+
+
+def _pair(rec: dict, where: str) -> Row:
+    """{"prompt", "chosen", "rejected"}: strings, or message lists (TRL's conversational form,
+    the prompt optional when chosen and rejected are whole conversations)."""
+    if "chosen" not in rec or "rejected" not in rec:
+        raise BadRow("missing_field", "pair rows need 'chosen' and 'rejected'")
+    prompt = rec.get("prompt")
+    if prompt is None:
+        head = []
+    elif isinstance(prompt, str):
+        head = [{"role": "user", "content": prompt}]
+    else:
+        head = _messages(prompt, "role", "content")
+    sides = {}
+    for side, key in (("a", "chosen"), ("b", "rejected")):
+        answer = rec[key]
+        if isinstance(answer, str):
+            if not head:
+                raise BadRow("missing_field", f"'{key}' is a string but there is no 'prompt'")
+            sides[side] = head + [{"role": "assistant", "content": answer}]
+        else:
+            sides[side] = head + _messages(answer, "role", "content")
+    return Row(where, _row_id(rec, where, "id", "question_id"), sides, winner="model_a")

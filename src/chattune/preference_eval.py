@@ -1,0 +1,104 @@
+"""``chattune eval`` of a preference run: how often held-out pairs are ranked like the votes.
+
+Three rankings of the same held-out pairs, each as an accuracy with a 95% bootstrap
+interval (1000 resamples of the pairs; a tie counts half):
+
+- ``implicit_reward``: the tuned model's own reward margin (for DPO/IPO its log-ratio to
+  the reference, for SimPO/ORPO its per-token likelihood), i.e. what training optimised;
+- ``reference_likelihood``: the starting policy's summed log-likelihood of each answer
+  (stored with the run, ``chattune.reference``): the ranking before any preference training;
+- ``longer_answer``: the longer answer wins, the bias any preference data set invites.
+
+Plus the generation metrics of ``chattune.evaluate`` for the tuned and the base model on
+the held-out prompts (with the chosen answer as reference), to see answer length and the
+stop rate move.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from chattune.data.pairs import prepare_pairs
+from chattune.errors import UserError
+from chattune.evaluate import eval_prompts, generation_metrics
+from chattune.objectives import get_objective, pair_logps
+from chattune.reference import load_reference
+
+RESAMPLES = 1000
+
+
+def bootstrap_accuracy(wins: torch.Tensor, resamples: int = RESAMPLES, seed: int = 0) -> dict:
+    """Mean of ``wins`` (n,) in [0, 1] and its 95% percentile bootstrap interval."""
+    g = torch.Generator().manual_seed(seed)
+    means = wins[torch.randint(len(wins), (resamples, len(wins)), generator=g)].mean(1)  # (resamples,)
+    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=means.dtype)).tolist()
+    return {"accuracy": float(wins.mean()), "low": low, "high": high}
+
+
+def wins_of(margin: torch.Tensor) -> torch.Tensor:
+    return (margin > 0).double() + 0.5 * (margin == 0).double()
+
+
+@torch.no_grad()
+def policy_logps(model, objective, samples, pad_id, batch_size, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    model.eval()
+    logps, lengths = [], []
+    for start in range(0, len(samples), batch_size):
+        batch = objective.collate(samples[start:start + batch_size], pad_id, packing=False)
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            lp, n = pair_logps(model, batch)
+        logps.append(lp.cpu())
+        lengths.append(n.cpu())
+    return torch.cat(logps), torch.cat(lengths)  # (n, 2) each
+
+
+def pair_accuracies(run, split: str, max_samples: int | None, device, dtype) -> tuple[dict, list[dict]]:
+    """The three rankings' accuracies on ``split``, and the held-out pairs (for generation)."""
+    cfg, objective = run.cfg, get_objective(run.cfg.train)
+    data = prepare_pairs(cfg.data, run.tokenizer)
+    if split not in data.splits:
+        raise UserError(f"unknown split '{split}': choose train, validation or test")
+    samples = data.splits[split]
+    if not samples:
+        raise UserError(f"the {split} split holds no pairs")
+    stored = (load_reference(run.run_dir) or {}).get(split)
+    if stored is not None and stored.shape[0] != len(samples):
+        raise UserError(f"{run.run_dir}: the stored reference log-probs do not match the {split} pairs of its data")
+    n = min(len(samples), max_samples or cfg.eval.max_samples or len(samples))
+    logps, lengths = policy_logps(run.model, objective, samples[:n], run.tokenizer.pad_token_id,
+                                  cfg.eval.batch_size, device, dtype)
+    ref = None if stored is None else stored[:n]
+    if ref is None and objective.needs_reference:
+        raise UserError(f"{run.run_dir} has no reference log-probs for the {split} split")
+    _, rewards = objective.pair_losses(logps, ref, lengths)
+    out = {"n": n, "objective": objective.name,
+           "implicit_reward": bootstrap_accuracy(wins_of(rewards[:, 0] - rewards[:, 1]).double()),
+           "longer_answer": bootstrap_accuracy(wins_of(lengths[:, 0] - lengths[:, 1]).double())}
+    if ref is not None:  # a SimPO/ORPO run stores the starting policy's log-probs for held-out splits only
+        out["reference_likelihood"] = bootstrap_accuracy(wins_of(ref[:, 0] - ref[:, 1]).double())
+    held_out = [p for p in data.conversations.samples if p["split"] == split]
+    return out, held_out
+
+
+def evaluate_preference(run, split: str = "test", *, max_samples: int | None = None, num_generate: int | None = None,
+                        max_new_tokens: int | None = None, include_base: bool = True) -> dict:
+    """Pair accuracies and generation metrics of a preference run (``generate.LoadedRun``)."""
+    from chattune.models import autocast_dtype
+
+    cfg = run.cfg
+    device = next(run.model.parameters()).device
+    dtype = autocast_dtype(cfg.train.precision, device)
+    pairs, held_out = pair_accuracies(run, split, max_samples, device, dtype)
+    prompts = eval_prompts([{"id": p["id"], "messages": p["chosen"]} for p in held_out],
+                           cfg.eval.num_generate if num_generate is None else num_generate)
+    result = {"split": split, "samples": pairs["n"], "method": cfg.method.name, "pairs": pairs, "tuned": {}}
+    kw = dict(max_new_tokens=max_new_tokens or cfg.eval.max_new_tokens, device=device, dtype=dtype)
+    if prompts:
+        gen = generation_metrics(run.model, run.tokenizer, prompts, cfg.data.template, **kw)
+        result["tuned"] = {**gen["metrics"], "samples": gen["samples"]}
+        if include_base:
+            with run.base() as base:
+                gen = generation_metrics(base, run.tokenizer, prompts, cfg.data.template, **kw)
+            result["base"] = {**gen["metrics"], "samples": gen["samples"]}
+    return result

@@ -1,0 +1,31 @@
+"""The preference harness end to end on a tiny Llama: its output format and step-0 agreement
+with TRL, never its timings (benchmarks measure, tests assert)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tiny import save_tiny
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.mark.slow
+def test_quick_preference_bench_prints_one_json_line(tmp_path, shared_data):
+    model = save_tiny(tmp_path / "tiny-llama", "llama")
+    cmd = [sys.executable, "benchmarks/preference.py", "--model", str(model), "--quick",
+           "--data", str(shared_data / "arena_hard_v0.1.jsonl"), "--work-dir", str(tmp_path / "work")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["vs_trl"] > 0 and set(result["peak_rss_mb"]) == {"chattune", "packed", "trl"}
+    for system, loss in result["step0_loss"].items():  # the same pairs and reference: ln 2 for both systems
+        assert loss == pytest.approx(math.log(2), abs=1e-4), system
