@@ -108,7 +108,7 @@ def _decode(run, engine, qs: QuestionSet, models: list[str], decodings, budget: 
         total += len(first) * len(q.turns)
     if not total:
         raise UserError(f"every prompt is longer than the model's context ({engine.context_size} tokens)")
-    with tqdm(total=total, desc="answers", unit="answer", disable=None, leave=False) as bar:
+    with tqdm(total=total, desc="answers", unit="answer", leave=False) as bar:
         while engine.has_work():
             for a in engine.step():
                 qi, model, decoding, turn = a.tag
