@@ -194,6 +194,17 @@ def test_alpaca_eval_export(run_dir, tmp_path):
     assert rows[0]["instruction"] == "Use ABC notation to write a short folk melody."
 
 
+def test_prompt_longer_than_the_context_is_skipped_and_counted(run_dir, tmp_path):
+    path = tmp_path / "p.jsonl"
+    rows = [{"id": "long", "prompt": "word " * 2000, "answers": {"gpt-4-0314": "x"}},
+            {"id": "short", "prompt": "Hello there", "answers": {"gpt-4-0314": "Hello!"}}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = evaluate(run_dir, tmp_path / "o", "--prompts", str(path), "--decodings", "greedy", "--no-base")
+    result = out["result"]
+    assert result["prompts"]["skipped"] == {"prompt_too_long": 1} and result["prompts"]["used"] == 1
+    assert [a["prompt_id"] for a in out["answers"]] == ["short"] and result["samples"] == 1
+
+
 def test_chat_template_end_and_new_turn_tokens_end_answers(tiny_dirs):
     from conftest import CHATML
 

@@ -55,7 +55,7 @@ def evaluate_run(run, split: str = "test", *, prompts: str | None = None, fmt: s
     models = ["tuned", "base"] if include_base else ["tuned"]
     answers, skipped = _decode(run, engine, qs, models, decodings, budget, seed)
     if samples is None:
-        samples = _reference_samples(run, qs)
+        samples = _reference_samples(run, qs, {r["prompt_index"] for r in answers})
     result = {"split": split if prompts is None else None, "method": cfg.method.name,
               "prompts": _prompt_info(qs, prompts, skipped), "samples": len(samples),
               "settings": {"max_new_tokens": budget, "decodings": {d: DECODINGS[d].__dict__ for d in decodings},
@@ -130,11 +130,11 @@ def _decode(run, engine, qs: QuestionSet, models: list[str], decodings, budget: 
     return answers, skipped
 
 
-def _reference_samples(run, qs: QuestionSet) -> list[dict]:
-    """Each question's first turn and its reference answer, tokenised as training renders them."""
+def _reference_samples(run, qs: QuestionSet, answered: set[int]) -> list[dict]:
+    """Each answered question's first turn and its reference answer, tokenised as training renders them."""
     out = []
     for qi, q in enumerate(qs.questions):
-        if q.reference is None:
+        if q.reference is None or qi not in answered:
             continue
         conv = [{"role": "user", "content": q.turns[0]}, {"role": "assistant", "content": q.reference}]
         tokens = tokenize_conversation(conv, run.tokenizer, run.cfg.data)
