@@ -166,8 +166,13 @@ def test_eval_base_numbers_equal_untouched_base(tiny_dirs, tmp_path, capsys):
     assert result["base"]["loss"] == pytest.approx(ref["loss"], rel=1e-6)
     assert result["base"]["all_loss"] == pytest.approx(ref["all_loss"], rel=1e-6)
     assert result["tuned"]["loss"] != pytest.approx(ref["loss"], rel=1e-6)
-    for key in ("eos_rate", "repeat_4gram", "distinct_2", "mean_length", "rouge_l", "ppl", "all_ppl"):
-        assert key in result["tuned"] and key in result["base"]
+    for model in ("tuned", "base"):
+        assert "ppl" in result[model] and "all_ppl" in result[model]
+        for decoding in ("sampled", "greedy"):
+            cell = result[model][decoding]
+            for key in ("eos_share", "new_turn_share", "rep4", "loop_share", "distinct_2", "median_length", "rouge_l"):
+                assert key in cell, (model, decoding, key)
+            assert cell["answers"] == 2
 
 
 @pytest.mark.parametrize("argv, message", [

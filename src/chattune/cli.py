@@ -100,16 +100,39 @@ def _format_summary(s: dict, run_dir: str) -> str:
 
 
 def cmd_eval(args) -> int:
+    from pathlib import Path
+
     from chattune.evaluate import evaluate_run
+    from chattune.evaluate.answers import export_answers, write_answers
     from chattune.generate import load_run
     from chattune.report import eval_table
 
     run = load_run(args.run_dir)
-    result = evaluate_run(run, args.split, max_samples=args.max_samples, num_generate=args.num_generate,
-                          max_new_tokens=args.max_new_tokens, include_base=not args.no_base)
-    with open(os.path.join(args.run_dir, f"eval_{args.split}.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    print(json.dumps(result) if args.json else eval_table(result))
+    name = Path(args.prompts).stem if args.prompts else args.split
+    out = Path(args.output_dir or Path(args.run_dir) / f"eval-{name}")
+    out.mkdir(parents=True, exist_ok=True)
+    judge = None
+    if args.judge_url or args.judge_model:
+        from chattune.evaluate.judge import Judge
+
+        if not (args.judge_url and args.judge_model) or args.no_base:
+            raise UserError("the judge needs --judge-url and --judge-model, and the base answers (no --no-base)")
+        judge = Judge(args.judge_url, args.judge_model, args.judge_key_env, out / "judge_cache.jsonl")
+    decodings = tuple(d.strip() for d in args.decodings.split(","))
+    result = evaluate_run(run, args.split, prompts=args.prompts, fmt=args.format, turns=args.turns,
+                          reference_model=args.reference_model, num_prompts=args.num_prompts,
+                          max_samples=args.max_samples, max_new_tokens=args.max_new_tokens,
+                          include_base=not args.no_base, decodings=decodings, seed=args.seed,
+                          max_batch=args.max_batch, judge=judge)
+    answers = result.pop("answers")
+    write_answers(out, answers)
+    if args.export_answers:
+        run_name = Path(args.run_dir).resolve().name
+        result["exports"] = [str(p) for p in export_answers(out, answers, args.export_answers, run_name,
+                                                           result["prompts"]["id_key"], result["settings"]["headline"])]
+    result["output_dir"] = str(out)
+    (out / "result.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result) if args.json else eval_table(result) + f"\nanswers and result.json: {out}")
     return 0
 
 
@@ -159,11 +182,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a run against its base model")
     p.add_argument("run_dir")
-    p.add_argument("--split", default="test", help="train|validation|test (default test)")
-    p.add_argument("--max-samples", type=int, help="cap on evaluated samples")
-    p.add_argument("--num-generate", type=int, help="held-out prompts to answer (default: eval.num_generate)")
-    p.add_argument("--max-new-tokens", type=int, help="generation budget per answer")
+    p.add_argument("--prompts", metavar="FILE", help="prompt file: MT-Bench or Arena-Hard questions, or any row "
+                   "format `chattune data` reads (default: the run's own held-out split)")
+    p.add_argument("--format", default="auto", help="prompt file format: auto|mtbench|arena-hard|arena|messages|"
+                   "sharegpt|alpaca|prompt-answers")
+    p.add_argument("--turns", choices=["first", "all"], default="first",
+                   help="all: also ask a question's second turn, after the model's own first answer")
+    p.add_argument("--reference-model", help="whose answers are the references (Arena-Hard default: gpt-4-0314)")
+    p.add_argument("--split", default="test", help="without --prompts: train|validation|test (default test)")
+    p.add_argument("--num-prompts", "--num-generate", dest="num_prompts", type=int,
+                   help="prompts to answer (default: eval.num_generate, 100; all when fewer)")
+    p.add_argument("--max-samples", type=int, help="without --prompts: cap on the split's samples for the loss")
+    p.add_argument("--max-new-tokens", type=int, help="generation budget per answer (default: eval.max_new_tokens, 512)")
+    p.add_argument("--decodings", default="sampled,greedy",
+                   help="sampled (the shipped sampling defaults, the headline) and/or greedy (a diagnostic)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (per prompt: derived from this and its id)")
+    p.add_argument("--max-batch", type=int, default=16, help="answers decoded at once (continuous batching)")
     p.add_argument("--no-base", action="store_true", help="skip the base-model numbers")
+    p.add_argument("--output-dir", help="where answers.jsonl and result.json go (default RUN/eval-NAME)")
+    from chattune.evaluate.answers import EXPORTS
+
+    p.add_argument("--export-answers", choices=EXPORTS, help="also write answer files for that benchmark's judge")
+    p.add_argument("--judge-url", help="OpenAI-compatible endpoint for a pairwise LLM judge, e.g. http://host:8000/v1")
+    p.add_argument("--judge-model", help="the judge's model name")
+    p.add_argument("--judge-key-env", help="environment variable holding the judge's API key")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
 

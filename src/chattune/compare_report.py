@@ -25,24 +25,28 @@ COLUMNS = [
     ("tokens_per_s", "train tokens/s", "{:,.0f}"), ("final_train_loss", "final train loss", "{:.3f}"),
     ("val_loss", "val loss", "{:.3f}"), ("val_ppl", "val ppl", "{:.2f}"),
     ("test_loss", "test loss", "{:.3f}"), ("test_ppl", "test ppl", "{:.2f}"),
-    ("eos_rate", "EOS rate", "{:.0%}"), ("repeat_4gram", "repeated 4-grams", "{:.3f}"),
+    ("eos_share", "ends with EOS", "{:.0%}"), ("loop_share", "loops", "{:.0%}"), ("rep4", "seq-rep-4", "{:.3f}"),
     ("distinct_2", "distinct-2", "{:.3f}"), ("rouge_l", "ROUGE-L", "{:.3f}"),
-    ("mean_length", "mean answer length", "{:.1f}"), ("error", "error", "{}"),
+    ("median_length", "median answer length", "{:.0f}"), ("error", "error", "{}"),
 ]
 # results.csv: the table's columns plus the bookkeeping behind them.
 CSV_KEYS = [k for k, _, _ in COLUMNS] + ["status", "total_params", "packing", "steps", "tokens", "train_seconds",
                                          "step_seconds", "eval_wall_s", "best_val_loss", "reused"]
-GENERATION_KEYS = ["eos_rate", "repeat_4gram", "distinct_2", "rouge_l", "mean_length"]
+GENERATION_KEYS = ["eos_share", "loop_share", "rep4", "distinct_2", "rouge_l", "median_length"]
 
 
 # -- rows -----------------------------------------------------------------------------------
 def eval_columns(sides: dict) -> dict:
-    """Table columns from one model's validation loss/ppl and its side of eval_test.json."""
+    """Table columns from one model's validation loss/ppl and its side of eval_test.json
+    (the answers of the headline decoding, the shipped sampling)."""
+    from chattune.evaluate import HEADLINE
+
     val, test = sides.get("validation") or {}, sides.get("test") or {}
     row = {"val_loss": val.get("loss"), "val_ppl": val.get("ppl"), "test_loss": test.get("loss"),
            "test_ppl": test.get("ppl")}
-    row.update({k: test.get(k) for k in GENERATION_KEYS})
-    row["samples"] = test.get("samples", [])
+    answers = test.get(HEADLINE) or {}
+    row.update({k: answers.get(k) for k in GENERATION_KEYS})
+    row["samples"] = answers.get("samples", [])
     return row
 
 
@@ -222,7 +226,7 @@ def _html_table(rows: list[dict]) -> str:
 
 
 def _html_generations(rows: list[dict]) -> str:
-    # Every run answered the same prompts (same data config, greedy decoding); align by prompt text.
+    # Every run answered the same prompts (same data config, seeded sampling); align by prompt text.
     columns = [r for r in rows if r.get("samples")]
     if not columns:
         return "<p>No generations (no method finished).</p>"

@@ -52,14 +52,16 @@ def _evaluate(run_dir: Path, with_base: bool) -> tuple[dict, dict | None]:
     """The test split (eval_test.json, reused when already written) and, when asked, the base
     model's test and validation numbers. A method's validation loss is not recomputed here:
     its run's last validation pass saw the same samples with the same weights."""
-    from chattune.evaluate import evaluate_run
+    from chattune.evaluate import HEADLINE, evaluate_run
     from chattune.generate import load_run
 
     run = None
     test = read_json(run_dir / "eval_test.json")
     if test is None or (with_base and "base" not in test):
         run = load_run(run_dir)
-        test = evaluate_run(run, "test", include_base=with_base)
+        # the headline decoding only: the shipped sampling, as users get it (greedy would double the time)
+        test = evaluate_run(run, "test", include_base=with_base, decodings=(HEADLINE,))
+        test.pop("answers")
         write_json(run_dir / "eval_test.json", test)
     if not with_base:
         return test, None

@@ -46,7 +46,9 @@ def demo(args) -> int:
     for q, b, t in zip(QUESTIONS, base_answers, tuned_answers):
         print(f"\n### {q}\n[base ] {_show(b)}\n[tuned] {_show(t)}")
     print()
-    print(eval_table(evaluate_run(run, "test")))
+    result = evaluate_run(run, "test")
+    result.pop("answers")
+    print(eval_table(result))
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s; chat with it: chattune chat {args.output_dir}")
     return 0
 

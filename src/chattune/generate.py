@@ -16,7 +16,7 @@ import torch
 from transformers import AutoTokenizer
 
 from chattune.config import from_dict, load_yaml
-from chattune.data import render_prompt_ids, stop_strings
+from chattune.data import render_prompt_ids, stop_strings, turn_token_ids
 from chattune.engine import DEFAULTS, GREEDY, Answer, Engine, Request, SamplingParams, Variant
 from chattune.errors import UserError
 from chattune.methods import get_method
@@ -66,8 +66,11 @@ class LoadedRun:
                 variant: str = "tuned", on_text=None, tag=None, stop: list[str] | None = None) -> Request:
         """A request for the answer to ``conversation`` (ending with a user turn), in this run's template."""
         template = self.cfg.data.template
+        if getattr(self, "_turn_ids", None) is None:
+            self._turn_ids = turn_token_ids(self.tokenizer, template)
+        end_ids, stop_ids = self._turn_ids
         return Request(render_prompt_ids(conversation, self.tokenizer, template), max_new_tokens, sampling, variant,
-                       stop_strings(template) + list(stop or []), on_text, tag)
+                       stop_strings(template) + list(stop or []), on_text, tag, end_ids, stop_ids)
 
 
 @contextlib.contextmanager

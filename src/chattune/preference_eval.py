@@ -20,7 +20,6 @@ import torch
 
 from chattune.data.pairs import prepare_pairs
 from chattune.errors import UserError
-from chattune.evaluate import eval_prompts, generation_metrics
 from chattune.objectives import get_objective, pair_logps
 from chattune.reference import load_reference
 
@@ -79,26 +78,3 @@ def pair_accuracies(run, split: str, max_samples: int | None, device, dtype) -> 
         out["reference_likelihood"] = bootstrap_accuracy(wins_of(ref[:, 0] - ref[:, 1]).double())
     held_out = [p for p in data.conversations.samples if p["split"] == split]
     return out, held_out
-
-
-def evaluate_preference(run, split: str = "test", *, max_samples: int | None = None, num_generate: int | None = None,
-                        max_new_tokens: int | None = None, include_base: bool = True) -> dict:
-    """Pair accuracies and generation metrics of a preference run (``generate.LoadedRun``)."""
-    from chattune.models import autocast_dtype
-
-    cfg = run.cfg
-    device = next(run.model.parameters()).device
-    dtype = autocast_dtype(cfg.train.precision, device)
-    pairs, held_out = pair_accuracies(run, split, max_samples, device, dtype)
-    prompts = eval_prompts([{"id": p["id"], "messages": p["chosen"]} for p in held_out],
-                           cfg.eval.num_generate if num_generate is None else num_generate)
-    result = {"split": split, "samples": pairs["n"], "method": cfg.method.name, "pairs": pairs, "tuned": {}}
-    kw = dict(max_new_tokens=max_new_tokens or cfg.eval.max_new_tokens, device=device, dtype=dtype)
-    if prompts:
-        gen = generation_metrics(run.model, run.tokenizer, prompts, cfg.data.template, **kw)
-        result["tuned"] = {**gen["metrics"], "samples": gen["samples"]}
-        if include_base:
-            with run.base() as base:
-                gen = generation_metrics(base, run.tokenizer, prompts, cfg.data.template, **kw)
-            result["base"] = {**gen["metrics"], "samples": gen["samples"]}
-    return result

@@ -5,7 +5,7 @@ model: {name: smollm2-135m}
 data: {dataset: sample, max_length: 1024}     # chattune.data.DataConfig
 method: {name: lora, lora: {r: 8}}
 train: {lr: 2.0e-4, max_steps: 100}
-eval: {num_generate: 8}
+eval: {num_generate: 100}
 ```
 The resolved config is written beside every run as ``config.yaml``.
 """
@@ -114,8 +114,8 @@ class EvalArgs:
     split: str = field("test", help="split to evaluate: train, validation or test")
     batch_size: int = field(8, help="batch size for loss evaluation")
     max_samples: int | None = field(None, help="evaluate at most this many samples of the split")
-    num_generate: int = field(8, help="held-out prompts answered for the generation metrics")
-    max_new_tokens: int = field(128, help="generation budget per answer")
+    num_generate: int = field(100, help="prompts answered for the generation metrics (all when fewer)")
+    max_new_tokens: int = field(512, help="generation budget per answer")
 
 
 @dataclass

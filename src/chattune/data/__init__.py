@@ -12,10 +12,12 @@ from chattune.data.render import (
     render_prompt_ids,
     stop_strings,
     tokenize_conversation,
+    turn_token_ids,
 )
 from chattune.data.select import ConversationSet, load_conversations
 
 __all__ = [
     "IGNORE_INDEX", "ConversationSet", "DataConfig", "MicroBatch", "PreparedData", "batch_plan", "collate",
     "load_conversations", "prepare", "render_prompt_ids", "stop_strings", "tokenize_conversation",
+    "turn_token_ids",
 ]

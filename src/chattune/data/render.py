@@ -39,6 +39,29 @@ def stop_strings(template: str) -> list[str]:
     return [SEED_USER.strip(), SEED_ASSISTANT.strip()] if template == "seed" else []
 
 
+def turn_token_ids(tokenizer: PreTrainedTokenizerBase, template: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Special tokens of the chat template that end an answer: ``(end_ids, stop_ids)``.
+
+    ``end_ids``: the end-of-turn token the template puts after an answer (``<|im_end|>``),
+    when it is not the tokenizer's EOS: reaching it is the model stopping. ``stop_ids``:
+    special tokens that open the next turn (``<|im_start|>``): an answer that writes one
+    starts a new turn itself. Decoded text skips special tokens, so stop strings cannot
+    see them. The seed template's markers are plain text: ``stop_strings`` covers them.
+    """
+    if template != "chat":
+        return (), ()
+    turns = _chat_turns([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                         {"role": "user", "content": "c"}], tokenizer)
+    special = set(tokenizer.all_special_ids)
+
+    def ids(text: str) -> list[int]:
+        return [i for i in tokenizer(text, add_special_tokens=False)["input_ids"] if i in special]
+
+    ends = [i for i in ids(turns[0][1][-1][0]) if i != tokenizer.eos_token_id]
+    opens = [i for i in ids(turns[1][0][0][0]) if i not in ends and i != tokenizer.eos_token_id]
+    return tuple(dict.fromkeys(ends)), tuple(dict.fromkeys(opens))
+
+
 def neutralise_seed(text: str) -> str:
     """'### Human:' -> 'Human:' so a message cannot fake a seed-template turn."""
     return SEED_MARKER.sub(lambda m: m.group(0).lstrip("#").lstrip(), text)

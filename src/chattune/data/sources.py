@@ -75,6 +75,12 @@ def open_source(cfg: DataConfig) -> Source:
 
 
 # -- reading ----------------------------------------------------------------------------
+def read_records(dataset: str) -> tuple[str, Iterator[tuple[str, dict | BadRow]]]:
+    """The raw records of a file, the sample or a hub dataset: ``(name, (where, record or BadRow)...)``.
+    For readers of other row shapes (``chattune.data.questions``)."""
+    return _records(dataset)
+
+
 def _records(dataset: str) -> tuple[str, Iterator[tuple[str, dict | BadRow]]]:
     if dataset == SAMPLE:
         path = resources.files("chattune").joinpath("resources", "sample_arena.jsonl")

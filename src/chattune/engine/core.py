@@ -65,6 +65,11 @@ class Request:
     stop: list[str] = field(default_factory=list)
     on_text: Callable[[str], None] | None = None  # streamed text deltas (stop strings held back)
     tag: object = None  # the caller's own id, returned with the answer
+    # Token ids beyond EOS: ``end_ids`` close the answer as EOS does (a chat template's
+    # end-of-turn token when it is not the tokenizer's EOS); ``stop_ids`` end it as a stop
+    # string does (a template's turn-opening special token, invisible in the decoded text).
+    end_ids: tuple[int, ...] = ()
+    stop_ids: tuple[int, ...] = ()
 
 
 @dataclass
@@ -72,7 +77,7 @@ class Answer:
     tag: object
     text: str
     token_ids: list[int]  # generated tokens, EOS excluded
-    finish_reason: str  # "eos" | "stop" (a stop string) | "length" | "cancelled"
+    finish_reason: str  # "eos" | "stop" (a stop string or stop id) | "length" | "cancelled"
     prompt_tokens: int
     seconds: float = 0.0
     request: Request | None = field(default=None, repr=False, compare=False)
@@ -282,8 +287,11 @@ class Engine:
 
     def _accept(self, row: _Row, token: int, seen: torch.Tensor) -> bool:
         """Record ``token`` for ``row``; True when the row is finished."""
-        if token == self.eos_id:
+        if token == self.eos_id or token in row.req.end_ids:
             row.done = "eos"
+            return True
+        if token in row.req.stop_ids:
+            row.done = "stop"
             return True
         row.tokens.append(token)
         row.last = token

@@ -1,0 +1,198 @@
+"""The numbers of an evaluation: reference-answer loss, text metrics of answers, and 95%
+bootstrap intervals over prompts.
+
+ROUGE-L, distinct-n and seq-rep-n are a few lines each, so they are written here rather
+than pulling in ``rouge-score`` and its NLTK dependency. The bootstrap resamples prompts
+(all answers to one prompt move together) with numpy, as in Arena-Hard's own intervals.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import numpy as np
+import torch
+
+from chattune.data import IGNORE_INDEX, collate
+from chattune.loss import shift_targets, token_losses
+
+LOOP = 0.2  # seq-rep-4 above this reads as a loop (Welleck et al. 2020 report ~0.4-0.6 for greedy GPT-2)
+RESAMPLES = 1000
+
+
+@torch.no_grad()
+def loss_on_samples(model, samples: list[dict], pad_id: int, batch_size: int, device, dtype=None) -> dict:
+    """Mean CE and perplexity over answer tokens (``loss``) and over all tokens (``all_loss``);
+    ``per_sample``: each sample's summed answer-token loss and its token count, in order."""
+    model.eval()
+    sums = {"loss": 0.0, "n": 0, "all_loss": 0.0, "all_n": 0}
+    per_sample = [[0.0, 0] for _ in samples]
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i]["input_ids"]))  # less padding
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        batch = collate([samples[i] for i in chunk], pad_id, packing=False)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        # all-token targets: every real token but the first, as the seed measured (prompt included)
+        ids = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+        ids[:, 0] = IGNORE_INDEX
+        # one forward for both: answer positions are a subset of the all-token positions
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            losses, keep = token_losses(model, batch, shift_targets(ids))  # (N,), (B, T)
+        answer = (shift_targets(batch["labels"]) != IGNORE_INDEX)[keep]  # (N,)
+        rows = keep.nonzero()[:, 0][answer]  # (n,) the sample of each answer token
+        row_sums = torch.zeros(len(chunk), device=losses.device).index_add_(0, rows, losses[answer].float())
+        row_counts = torch.bincount(rows, minlength=len(chunk))
+        for j, i in enumerate(chunk):
+            per_sample[i] = [float(row_sums[j]), int(row_counts[j])]
+        sums["loss"] += float(losses[answer].sum())
+        sums["n"] += int(answer.sum())
+        sums["all_loss"] += float(losses.sum())
+        sums["all_n"] += int(keep.sum())
+    out = {"loss": sums["loss"] / max(sums["n"], 1), "all_loss": sums["all_loss"] / max(sums["all_n"], 1),
+           "loss_tokens": sums["n"], "all_tokens": sums["all_n"]}
+    out["ppl"] = math.exp(min(out["loss"], 50))
+    out["all_ppl"] = math.exp(min(out["all_loss"], 50))
+    out["per_sample"] = per_sample
+    return out
+
+
+# -- text metrics ------------------------------------------------------------------------
+def repeated_ngram_rate(tokens: list, n: int = 4) -> float:
+    """seq-rep-n (Welleck et al. 2020): share of n-grams in one answer that already occurred
+    earlier in it (0 = no loops)."""
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def distinct_n(answers: list[list], n: int = 2) -> float:
+    """Corpus-level distinct-n (Li et al. 2016): unique n-grams / all n-grams."""
+    grams = [tuple(a[i:i + n]) for a in answers for i in range(len(a) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 over lower-cased whitespace tokens (Lin 2004)."""
+    c, r = candidate.lower().split(), reference.lower().split()
+    if not c or not r:
+        return 0.0
+    prev = [0] * (len(r) + 1)
+    for x in c:  # LCS by dynamic programming, one row at a time
+        cur = [0]
+        for j, y in enumerate(r):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    p, rec = lcs / len(c), lcs / len(r)
+    return 2 * p * rec / (p + rec)
+
+
+# -- intervals ---------------------------------------------------------------------------
+class Bootstrap:
+    """Resamples of prompts, shared by every statistic over values owned by those prompts.
+
+    ``owners[k]`` is the prompt of value ``k``; a resample draws ``n_prompts`` prompts with
+    replacement and weighs each value by how often its prompt was drawn.
+    """
+
+    def __init__(self, owners: list[int], n_prompts: int, resamples: int = RESAMPLES, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        picks = rng.integers(0, max(n_prompts, 1), size=(resamples, max(n_prompts, 1)))
+        counts = np.zeros((resamples, max(n_prompts, 1)))
+        np.add.at(counts, (np.arange(resamples)[:, None], picks), 1)
+        self.weights = counts[:, np.asarray(owners, dtype=int)] if len(owners) else np.zeros((resamples, 0))  # (R, A)
+
+    def mean(self, values) -> list[float] | None:
+        v = np.asarray(values, dtype=float)
+        return self.ratio(v, np.ones_like(v))
+
+    def ratio(self, num, den) -> list[float] | None:
+        """Interval of sum(num) / sum(den), e.g. a token-weighted loss."""
+        if not len(num):
+            return None
+        w = self.weights
+        total = w @ np.asarray(den, dtype=float)
+        ok = total > 0
+        return _percentiles((w @ np.asarray(num, dtype=float))[ok] / total[ok])
+
+    def median(self, values) -> list[float] | None:
+        if not len(values):
+            return None
+        v = np.asarray(values, dtype=float)
+        order = np.argsort(v)
+        cum = self.weights[:, order].cumsum(1)  # (R, A)
+        idx = (cum >= cum[:, -1:] / 2).argmax(1)
+        return _percentiles(v[order][idx])
+
+
+def _percentiles(x: np.ndarray) -> list[float] | None:
+    if not len(x):
+        return None
+    lo, hi = np.percentile(x, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
+# -- per model and decoding -----------------------------------------------------------------
+def answer_metrics(rows: list[dict], n_prompts: int, ref_median: float | None) -> dict:
+    """Metrics of one model under one decoding.
+
+    ``rows``: ``{"prompt": index, "turn", "tokens": [...], "text", "finish", "reference"}``
+    per answer. Rates come with ``ci[key] = [low, high]``, 95% over prompts.
+    """
+    boot = Bootstrap([r["prompt"] for r in rows], n_prompts)
+    reps = [repeated_ngram_rate(r["tokens"]) for r in rows]
+    flags = {
+        "eos_share": [r["finish"] == "eos" for r in rows],
+        "new_turn_share": [r["finish"] == "stop" for r in rows],
+        "cut_share": [r["finish"] == "length" for r in rows],
+        "loop_share": [x > LOOP for x in reps],
+    }
+    out: dict = {"answers": len(rows), "ci": {}}
+    for key, values in flags.items():
+        out[key] = sum(values) / max(len(values), 1)
+        out["ci"][key] = boot.mean(values)
+    out["rep4"] = sum(reps) / max(len(reps), 1)
+    out["ci"]["rep4"] = boot.mean(reps)
+    # distinct-2 has no interval: a resample repeats answers, which reads as repetition
+    out["distinct_2"] = distinct_n([r["tokens"] for r in rows], 2)
+    lengths = [len(r["tokens"]) for r in rows]
+    out["median_length"] = float(statistics.median(lengths)) if lengths else 0.0
+    out["ci"]["median_length"] = boot.median(lengths)
+    out["mean_length"] = sum(lengths) / max(len(lengths), 1)
+    out["length_ratio"] = out["median_length"] / ref_median if ref_median else None
+    scored = [r for r in rows if r.get("reference") is not None and r["turn"] == 0]
+    if scored:
+        scores = [rouge_l(r["text"], r["reference"]) for r in scored]
+        out["rouge_l"] = sum(scores) / len(scores)
+        out["ci"]["rouge_l"] = Bootstrap([r["prompt"] for r in scored], n_prompts).mean(scores)
+    return out
+
+
+def reference_metrics(references: list[list[int]]) -> dict:
+    """The anchor row: the same text metrics on the reference answers themselves."""
+    boot = Bootstrap(list(range(len(references))), len(references))
+    reps = [repeated_ngram_rate(t) for t in references]
+    lengths = [len(t) for t in references]
+    return {
+        "answers": len(references), "rep4": sum(reps) / len(reps), "loop_share": sum(x > LOOP for x in reps) / len(reps),
+        "distinct_2": distinct_n(references, 2), "median_length": float(statistics.median(lengths)),
+        "mean_length": sum(lengths) / len(lengths), "length_ratio": 1.0,
+        "ci": {"rep4": boot.mean(reps), "loop_share": boot.mean([x > LOOP for x in reps]),
+               "median_length": boot.median(lengths)},
+    }
+
+
+def paired_stops(tuned: list[dict], base: list[dict]) -> dict:
+    """Answers to the same prompt and turn: tuned ends with EOS and base does not, and the reverse."""
+    b = {(r["prompt"], r["turn"]): r["finish"] == "eos" for r in base}
+    pairs = [(r["finish"] == "eos", b[(r["prompt"], r["turn"])]) for r in tuned if (r["prompt"], r["turn"]) in b]
+    return {"pairs": len(pairs), "tuned_stops_base_not": sum(t and not s for t, s in pairs),
+            "base_stops_tuned_not": sum(s and not t for t, s in pairs)}
+
+
+def loss_interval(per_sample: list[list]) -> list[float] | None:
+    """95% interval of the token-weighted answer loss, resampling samples."""
+    boot = Bootstrap(list(range(len(per_sample))), len(per_sample))
+    return boot.ratio([s for s, _ in per_sample], [n for _, n in per_sample])
