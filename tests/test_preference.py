@@ -186,7 +186,7 @@ def test_sft_then_dpo_with_init_from_and_eval(tiny_dirs, tmp_path, capsys):
         acc = pairs[name]
         assert 0 <= acc["low"] <= acc["accuracy"] <= acc["high"] <= 1
     assert pairs["n"] == load_reference(dpo)["train"].shape[0]
-    assert "eos_rate" in result["tuned"] and "eos_rate" in result["base"]
+    assert "eos_share" in result["tuned"]["sampled"] and "eos_share" in result["base"]["greedy"]
 
 
 @pytest.mark.parametrize("argv, message", [
