@@ -16,7 +16,7 @@ import torch
 from transformers import AutoTokenizer
 
 from chattune.config import from_dict, load_yaml
-from chattune.data import render_prompt_ids, stop_strings
+from chattune.data import answer_end_id, render_prompt_ids, stop_strings
 from chattune.engine import DEFAULTS, GREEDY, Answer, Engine, Request, SamplingParams, Variant
 from chattune.errors import UserError
 from chattune.methods import get_method
@@ -59,7 +59,8 @@ class LoadedRun:
         return out
 
     def engine(self, *, base: bool = True, max_batch: int = 16, dtype: torch.dtype | None = None) -> Engine:
-        return Engine(self.variants(base), self.tokenizer, self.tokenizer.eos_token_id, max_batch=max_batch,
+        end = answer_end_id(self.cfg.data.template, self.tokenizer)  # ChatML: <|im_end|>, not always EOS
+        return Engine(self.variants(base), self.tokenizer, end, max_batch=max_batch,
                       dtype=dtype)
 
     def request(self, conversation: list[dict], *, max_new_tokens: int, sampling: SamplingParams = DEFAULTS,
@@ -67,7 +68,7 @@ class LoadedRun:
         """A request for the answer to ``conversation`` (ending with a user turn), in this run's template."""
         template = self.cfg.data.template
         return Request(render_prompt_ids(conversation, self.tokenizer, template), max_new_tokens, sampling, variant,
-                       stop_strings(template) + list(stop or []), on_text, tag)
+                       stop_strings(template, self.tokenizer) + list(stop or []), on_text, tag)
 
 
 @contextlib.contextmanager
