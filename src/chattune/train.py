@@ -32,6 +32,7 @@ from chattune.evaluate import loss_on_samples
 from chattune.loss import unwrap, token_loss_sum
 from chattune.methods import count_parameters, get_method
 from chattune.models import autocast_dtype, load_model, load_tokenizer
+from chattune.neftune import add_neftune
 from chattune.settings import RunConfig
 
 
@@ -69,6 +70,7 @@ def build_model(cfg: RunConfig, tokenizer, attn_implementation: str | None = Non
     model = load_model(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code,
                        attn_implementation=attn_implementation or cfg.model.attn_implementation)
     model = method.apply(model, cfg.method.settings(), tokenizer)
+    add_neftune(model, cfg.train.neftune_alpha)  # embedding noise in train mode only
     return model, method
 
 
