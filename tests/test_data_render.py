@@ -1,4 +1,4 @@
-"""Rendering and labels: seed and chat templates, EOS learning, truncation, injected markers."""
+"""Rendering and labels: seed, chat and auto templates, stops, EOS learning, truncation, injected markers."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import pytest
 from chattune.data import (
     IGNORE_INDEX,
     DataConfig,
+    answer_end_id,
     collate,
     prepare,
     render_prompt_ids,
+    resolve_template,
     stop_strings,
     tokenize_conversation,
 )
@@ -150,6 +152,53 @@ def test_chat_template_problems_are_user_errors(bos_tokenizer, tiny_tokenizer):
         tokenize_conversation(CONV, tok, DataConfig(template="chat"))
 
 
-def test_stop_strings():
-    assert stop_strings("seed") == ["### Human:", "### Assistant:"]
-    assert stop_strings("chat") == []
+# A template whose markup is plain text (Vicuna style): its user header survives decoding.
+PLAIN = ("{% for m in messages %}{% if m['role'] == 'user' %}USER: {{ m['content'] }}\n{% else %}"
+         "ASSISTANT: {{ m['content'] }}</s>\n{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+
+def with_template(tok, template: str):
+    out = tok.__class__(tokenizer_object=tok.backend_tokenizer, bos_token=tok.bos_token, eos_token=tok.eos_token,
+                        pad_token=tok.pad_token)
+    out.chat_template = template
+    return out
+
+
+def test_stop_strings(tiny_tokenizer, bos_tokenizer):
+    seed = ["### Human:", "### Assistant:"]
+    assert stop_strings("seed") == seed
+    assert stop_strings("auto", bos_tokenizer) == seed  # no chat template: the seed template
+    # ChatML's '<|im_start|>user' is special tokens, invisible to the engine's text: no string
+    assert stop_strings("chat", tiny_tokenizer) == stop_strings("auto", tiny_tokenizer) == []
+    assert stop_strings("auto", with_template(bos_tokenizer, PLAIN)) == ["USER:"]
+    with pytest.raises(ValueError, match="needs the tokenizer"):
+        stop_strings("auto")
+
+
+def test_answer_end_id_is_the_templates_end_of_turn(tiny_tokenizer, bos_tokenizer):
+    im_end = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert im_end != tiny_tokenizer.eos_token_id
+    assert answer_end_id("chat", tiny_tokenizer) == answer_end_id("auto", tiny_tokenizer) == im_end
+    assert answer_end_id("seed", tiny_tokenizer) == tiny_tokenizer.eos_token_id
+    assert answer_end_id("auto", bos_tokenizer) == bos_tokenizer.eos_token_id
+    assert answer_end_id("auto", with_template(bos_tokenizer, PLAIN)) == bos_tokenizer.eos_token_id  # '</s>'
+
+
+def test_auto_template_is_chat_with_a_template_and_seed_without(tiny_tokenizer, bos_tokenizer):
+    auto = DataConfig(template="auto")
+    for tok, same in ((tiny_tokenizer, "chat"), (bos_tokenizer, "seed")):
+        assert resolve_template("auto", tok) == same
+        assert tokenize_conversation(CONV, tok, auto) == tokenize_conversation(CONV, tok, DataConfig(template=same))
+        assert render_prompt_ids(CONV[:3], tok, "auto") == render_prompt_ids(CONV[:3], tok, same)
+    ids, _ = tokenize_conversation(CONV, tiny_tokenizer, auto)
+    assert decode(tiny_tokenizer, ids) == tiny_tokenizer.apply_chat_template(CONV, tokenize=False)
+    assert prepare(DataConfig(template="auto", max_rows=5), tiny_tokenizer).template == "chat"
+    assert prepare(DataConfig(template="auto", max_rows=5), bos_tokenizer).template == "seed"
+
+
+def test_seed_preset_keeps_the_seed_template():
+    assert DataConfig(preset="seed").template == "seed"
+    with pytest.raises(UserError, match="template=chat"):
+        DataConfig(preset="seed", template="chat")
+    with pytest.raises(UserError, match="auto"):
+        DataConfig(template="automatic")

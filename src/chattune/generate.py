@@ -59,6 +59,7 @@ class LoadedRun:
         return out
 
     def engine(self, *, base: bool = True, max_batch: int = 16, dtype: torch.dtype | None = None) -> Engine:
+        # a chat template's end-of-turn token (<|im_end|>) also ends an answer: Request.end_ids
         return Engine(self.variants(base), self.tokenizer, self.tokenizer.eos_token_id, max_batch=max_batch,
                       dtype=dtype)
 
@@ -70,7 +71,7 @@ class LoadedRun:
             self._turn_ids = turn_token_ids(self.tokenizer, template)
         end_ids, stop_ids = self._turn_ids
         return Request(render_prompt_ids(conversation, self.tokenizer, template), max_new_tokens, sampling, variant,
-                       stop_strings(template) + list(stop or []), on_text, tag, end_ids, stop_ids)
+                       stop_strings(template, self.tokenizer) + list(stop or []), on_text, tag, end_ids, stop_ids)
 
 
 @contextlib.contextmanager

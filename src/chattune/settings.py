@@ -61,6 +61,9 @@ class TrainArgs:
     batch_size: int = field(8, help="micro-batch size per process (rows; a packed row holds several conversations)")
     grad_accum: int = field(1, help="micro-batches accumulated per optimiser step")
     max_grad_norm: float = field(1.0, help="gradient clipping norm (0 disables)")
+    neftune_alpha: float = field(0.0, help="NEFTune (Jain et al. 2023): uniform noise of scale alpha/sqrt(L*d) on the "
+                                           "input embeddings while training, L each conversation's length; 5 in the "
+                                           "paper; 0: off")
     packing: bool | None = field(None, help="pack several conversations per row (default: on where the method supports it)")
     packed_layout: Literal["auto", "flat", "mask"] = field(
         "auto", help="how packed conversations reach attention. flat: one row without padding, attention run per "
@@ -97,6 +100,8 @@ class TrainArgs:
             raise UserError("train.max_steps must be >= 1")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise UserError("train.max_tokens must be >= 1")
+        if self.neftune_alpha < 0:
+            raise UserError(f"train.neftune_alpha must be >= 0 (0: off), got {self.neftune_alpha}")
         if self.lr <= 0 or self.epochs <= 0:
             raise UserError("train.lr and train.epochs must be positive")
         if self.beta is not None and self.beta <= 0:

@@ -34,6 +34,7 @@ from chattune.init_from import load_start_model
 from chattune.loss import unwrap
 from chattune.methods import count_parameters, get_method
 from chattune.models import autocast_dtype, load_tokenizer
+from chattune.neftune import add_neftune
 from chattune.objectives import MetricWindow, get_objective
 from chattune.settings import RunConfig
 
@@ -71,6 +72,7 @@ def build_model(cfg: RunConfig, tokenizer, attn_implementation: str | None = Non
     method = get_method(cfg.method.name)
     model = load_start_model(cfg.model, attn_implementation or cfg.model.attn_implementation)
     model = method.apply(model, cfg.method.settings(), tokenizer)
+    add_neftune(model, cfg.train.neftune_alpha)  # embedding noise in train mode only
     return model, method
 
 

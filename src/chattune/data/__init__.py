@@ -8,8 +8,10 @@ from chattune.data.config import DataConfig
 from chattune.data.render import (
     IGNORE_INDEX,
     PreparedData,
+    answer_end_id,
     prepare,
     render_prompt_ids,
+    resolve_template,
     stop_strings,
     tokenize_conversation,
     turn_token_ids,
@@ -17,7 +19,7 @@ from chattune.data.render import (
 from chattune.data.select import ConversationSet, load_conversations
 
 __all__ = [
-    "IGNORE_INDEX", "ConversationSet", "DataConfig", "MicroBatch", "PreparedData", "batch_plan", "collate",
-    "load_conversations", "prepare", "render_prompt_ids", "stop_strings", "tokenize_conversation",
-    "turn_token_ids",
+    "IGNORE_INDEX", "ConversationSet", "DataConfig", "MicroBatch", "PreparedData", "answer_end_id", "batch_plan",
+    "collate", "load_conversations", "prepare", "render_prompt_ids", "resolve_template", "stop_strings",
+    "tokenize_conversation", "turn_token_ids",
 ]

@@ -15,14 +15,16 @@ from chattune.errors import UserError
 FORMATS = ["auto", "arena", "messages", "sharegpt", "alpaca", "prompt-answers", "pairs"]
 SIDES = ["winner", "a", "b", "both"]
 TURNS = ["all", "first"]
-TEMPLATES = ["seed", "chat"]
+TEMPLATES = ["seed", "chat", "auto"]
 PRESETS = ["seed"]
 
 # What the seed notebook did (../shared/seed/NOTEBOOK.md): conversation_a only, its first
 # pair, 10 < len < 1000 for the prompt and 10 < len < 1500 for the answer (our bounds are
-# inclusive), every row whatever its flags, no de-duplication.
+# inclusive), every row whatever its flags, no de-duplication, no loop filter, and its
+# '### Human:' template.
 SEED_PRESET = {
-    "side": "a", "turns": "first", "keep_flagged": True, "dedup": False,
+    "side": "a", "turns": "first", "keep_flagged": True, "dedup": False, "max_answer_repetition": 0.0,
+    "template": "seed",
     "min_prompt_chars": 11, "max_prompt_chars": 999, "min_response_chars": 11, "max_response_chars": 1499,
 }
 
@@ -37,7 +39,8 @@ class DataConfig:
     chosen_model: str | None = field(None, help="prompt-answers rows as preference pairs: the preferred model")
     rejected_model: str | None = field(None, help="prompt-answers rows as preference pairs: the other model")
     preset: str | None = field(None, help="'seed' reproduces the seed notebook's selection: side a, first pair, "
-                               "10 < prompt < 1000 and 10 < response < 1500 chars, no flag filter, no dedup")
+                               "10 < prompt < 1000 and 10 < response < 1500 chars, no flag filter, no dedup, no loop "
+                               "filter, the seed template")
     side: str = field("winner", help="arena rows: winner (the human vote; a tie gives both, 'tie (bothbad)' "
                       "is dropped) | a | b | both")
     turns: str | None = field(None, help="all turns, or only the first user->assistant pair (default: all for "
@@ -49,8 +52,11 @@ class DataConfig:
     min_response_chars: int | None = field(None, help="drop a conversation with an answer shorter than this")
     max_response_chars: int | None = field(None, help="drop a conversation with an answer longer than this")
     dedup: bool = field(True, help="drop exact duplicate conversations")
-    template: str = field("seed", help="seed ('### Human:' / '### Assistant:' + EOS) or chat "
-                          "(the tokenizer's own chat template)")
+    max_answer_repetition: float = field(
+        0.5, help="drop a conversation with an answer whose share of repeated word 4-grams (seq-rep-4) is above "
+                  "this (reason looping_answer); 0 or 1 switches the filter off")
+    template: str = field("seed", help="seed ('### Human:' / '### Assistant:' + EOS), chat (the tokenizer's "
+                          "own chat template) or auto (chat when the tokenizer has a template, else seed)")
     train_on_prompt: bool = field(False, help="loss on every token, prompts included (the seed's loss)")
     max_length: int = field(1024, help="tokens per sample; later turns are dropped to fit")
     val_ratio: float = field(0.1, help="share of prompts in the validation split")
@@ -89,6 +95,9 @@ class DataConfig:
                 raise UserError(f"data: {kind} character bounds must not be negative")
             if low is not None and high is not None and low > high:
                 raise UserError(f"data: min_{kind}_chars ({low}) is above max_{kind}_chars ({high})")
+        if not 0 <= self.max_answer_repetition <= 1:
+            raise UserError(f"data.max_answer_repetition must be between 0 and 1 (0 or 1: off), "
+                            f"got {self.max_answer_repetition}")
         if not (0 <= self.val_ratio < 1 and 0 <= self.test_ratio < 1 and self.val_ratio + self.test_ratio < 1):
             raise UserError(f"data: val_ratio ({self.val_ratio}) and test_ratio ({self.test_ratio}) must be "
                             "non-negative and leave a training share")

@@ -163,8 +163,9 @@ def _from_conversations(path: str, fmt: str, turns: str, reference_model: str | 
     # The data pipeline's own selection (flags, alternation, empty turns), without a split.
     base = data_cfg.__dict__ if data_cfg is not None else {}
     keep = {k: base[k] for k in ("side", "keep_flagged", "language") if k in base}
+    # max_answer_repetition=0: a looping reference answer is still a prompt worth asking
     cfg = DataConfig(dataset=path, format=fmt, answer_model=reference_model, val_ratio=0.0, test_ratio=0.0,
-                     **keep)
+                     max_answer_repetition=0, **keep)
     convs = load_conversations(cfg)
     out = QuestionSet(convs.source, convs.format, rows_read=convs.rows_read, dropped=Counter(convs.dropped))
     for sample in convs.samples:

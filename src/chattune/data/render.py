@@ -6,6 +6,12 @@ with ``split_special_tokens=True``, so "<|im_start|>" or "<|endoftext|>" typed b
 is plain text and can never become a control token). Tokenising piece by piece keeps the
 labels exact: the loss covers the answer's tokens and the EOS that closes it, nothing else.
 The same pieces build the generation prompt, so training and chat see identical tokens.
+
+Templates: ``seed`` (the notebook's '### Human:' / '### Assistant:' + EOS), ``chat`` (the
+tokenizer's own chat template) and ``auto`` (``chat`` when the tokenizer has a template,
+``seed`` otherwise), resolved against the tokenizer by ``resolve_template``. Under the
+chat template an answer ends with the template's end-of-turn token (``answer_end_id``:
+``<|im_end|>`` for ChatML), which need not be the tokenizer's EOS.
 """
 
 from __future__ import annotations
@@ -34,9 +40,58 @@ Piece = tuple[str, bool]  # (text, is_message_text)
 Turn = tuple[list[Piece], list[Piece]]  # (prompt pieces, answer pieces)
 
 
-def stop_strings(template: str) -> list[str]:
-    """Strings that end a generated answer, beyond the EOS token."""
-    return [SEED_USER.strip(), SEED_ASSISTANT.strip()] if template == "seed" else []
+def resolve_template(template: str, tokenizer: PreTrainedTokenizerBase | None) -> str:
+    """'auto' -> 'chat' when ``tokenizer`` has a chat template, else 'seed'; other names as they are."""
+    if template != "auto":
+        return template
+    return "chat" if getattr(tokenizer, "chat_template", None) else "seed"
+
+
+def stop_strings(template: str, tokenizer: PreTrainedTokenizerBase | None = None) -> list[str]:
+    """Strings that end a generated answer, beyond the end-of-answer token: a turn the model starts itself.
+
+    Under a chat template that is the user turn's header, when it survives decoding: the
+    engine matches stop strings on text decoded without special tokens, so a header made
+    of special tokens (ChatML's ``<|im_start|>user``) cannot be told from plain text and
+    gives no stop string. The end-of-turn token stops such a model instead (``answer_end_id``).
+
+    Args:
+        template: "seed", "chat" or "auto".
+        tokenizer: the model's tokenizer; needed for "chat" and "auto".
+    """
+    if template != "seed" and tokenizer is None:
+        raise ValueError(f"stop_strings('{template}') needs the tokenizer")
+    template = resolve_template(template, tokenizer)
+    if template == "seed":
+        return [SEED_USER.strip(), SEED_ASSISTANT.strip()]
+    header = _chat_markup(tokenizer)[1].strip()
+    if header and _visible(tokenizer, header) == header:
+        return [header]
+    return []
+
+
+def answer_end_id(template: str, tokenizer: PreTrainedTokenizerBase) -> int:
+    """The token that ends an answer: the chat template's end-of-turn token, else EOS.
+
+    The first special token the chat template writes after an answer (``<|im_end|>`` in
+    ChatML, ``<|eot_id|>`` in Llama 3); EOS for the seed template, or when the template
+    closes a turn with plain text only.
+    """
+    ends = turn_token_ids(tokenizer, template)[0]
+    return ends[0] if ends else tokenizer.eos_token_id
+
+
+def _chat_markup(tokenizer) -> tuple[str, str]:
+    """(markup closing an answer, markup opening a later user turn), from a probe conversation."""
+    probe = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    turns = _chat_turns(probe, tokenizer)
+    return turns[0][1][-1][0], turns[1][0][0][0]
+
+
+def _visible(tokenizer, text: str) -> str:
+    """``text`` as the engine's detokeniser shows it: special tokens dropped."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
 def turn_token_ids(tokenizer: PreTrainedTokenizerBase, template: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -48,17 +103,16 @@ def turn_token_ids(tokenizer: PreTrainedTokenizerBase, template: str) -> tuple[t
     starts a new turn itself. Decoded text skips special tokens, so stop strings cannot
     see them. The seed template's markers are plain text: ``stop_strings`` covers them.
     """
-    if template != "chat":
+    if resolve_template(template, tokenizer) != "chat":
         return (), ()
-    turns = _chat_turns([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                         {"role": "user", "content": "c"}], tokenizer)
+    closing, opening = _chat_markup(tokenizer)
     special = set(tokenizer.all_special_ids)
 
     def ids(text: str) -> list[int]:
         return [i for i in tokenizer(text, add_special_tokens=False)["input_ids"] if i in special]
 
-    ends = [i for i in ids(turns[0][1][-1][0]) if i != tokenizer.eos_token_id]
-    opens = [i for i in ids(turns[1][0][0][0]) if i not in ends and i != tokenizer.eos_token_id]
+    ends = [i for i in ids(closing) if i != tokenizer.eos_token_id]
+    opens = [i for i in ids(opening) if i not in ends and i != tokenizer.eos_token_id]
     return tuple(dict.fromkeys(ends)), tuple(dict.fromkeys(opens))
 
 
@@ -94,19 +148,21 @@ def render_prompt_ids(messages: list[dict], tokenizer: PreTrainedTokenizerBase, 
     Args:
         messages: alternating user/assistant turns, ending with a user turn.
         tokenizer: the model's tokenizer.
-        template: "seed" or "chat".
+        template: "seed", "chat" or "auto".
 
     Returns:
         Ids ready for ``model.generate``.
     """
     if not messages or messages[-1]["role"] != "user":
         raise ValueError("render_prompt_ids needs a conversation that ends with a user turn")
+    template = resolve_template(template, tokenizer)
     return [i for prompt, answer in _encode(_turns(messages, tokenizer, template), tokenizer, template)
             for i in prompt + answer]
 
 
 def _tokenize(messages: list[dict], tokenizer, cfg: DataConfig) -> tuple[list[int], list[int], bool] | None:
-    turns = _encode(_turns(messages, tokenizer, cfg.template), tokenizer, cfg.template)
+    template = resolve_template(cfg.template, tokenizer)
+    turns = _encode(_turns(messages, tokenizer, template), tokenizer, template)
     ids: list[int] = []
     labels: list[int] = []
     truncated = False
@@ -225,6 +281,7 @@ class PreparedData:
 
     conversations: ConversationSet
     splits: dict[str, list[dict]]
+    template: str = "seed"  # the template the samples were rendered with ("auto" resolved)
     token_dropped: Counter = field(default_factory=Counter)
     truncated: Counter = field(default_factory=Counter)  # samples shortened to max_length, per split
 
@@ -256,7 +313,8 @@ def prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> PreparedData
         The tokenised splits with the selection's and the tokenisation's counters.
     """
     conversations = load_conversations(cfg)
-    data = PreparedData(conversations, {"train": [], "validation": [], "test": []})
+    data = PreparedData(conversations, {"train": [], "validation": [], "test": []},
+                        resolve_template(cfg.template, tokenizer))
     for sample in conversations.samples:
         out = _tokenize(sample["messages"], tokenizer, cfg)
         if out is None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from chattune.data.config import DataConfig
 from chattune.data.sources import BadRow, Row, open_source
 from chattune.errors import UserError
+from chattune.textstats import repeated_ngram_rate
 
 WINNER_SIDES = {"model_a": ["a"], "model_b": ["b"], "tie": ["a", "b"], "tie (bothbad)": []}
 
@@ -97,7 +98,8 @@ def _row_samples(row: Row, cfg: DataConfig, seen: set[bytes]) -> tuple[list[dict
         conversations[side] = clean_turns(row.sides[side], cfg.turns)
     samples, misses = [], Counter()
     for side, messages in conversations.items():
-        reason = _out_of_bounds(messages, cfg) or (_duplicate(messages, seen) if cfg.dedup else None)
+        reason = (_out_of_bounds(messages, cfg) or _looping(messages, cfg.max_answer_repetition)
+                  or (_duplicate(messages, seen) if cfg.dedup else None))
         if reason:
             misses[reason] += 1
             continue
@@ -146,6 +148,23 @@ def _out_of_bounds(messages: list[dict], cfg: DataConfig) -> str | None:
             return f"{kind}_too_short"
         if high is not None and len(m["content"]) > high:
             return f"{kind}_too_long"
+    return None
+
+
+def _looping(messages: list[dict], threshold: float) -> str | None:
+    """'looping_answer' when an answer repeats more than ``threshold`` of its word 4-grams.
+
+    The whole conversation goes, not only the turns from the looping answer on: it is one
+    sample, the later turns read the loop as context, and a drop is counted with one
+    reason where a cut would change a kept sample unseen. Words (whitespace-split), not
+    model tokens: the data step is tokenizer-free, a str.split is far cheaper than a BPE pass,
+    and a loop repeats in both units (eval measures seq-rep-4 on model tokens).
+    """
+    if threshold <= 0 or threshold >= 1:  # off; nothing repeats more than all of its 4-grams
+        return None
+    for m in messages:
+        if m["role"] == "assistant" and repeated_ngram_rate(m["content"].split(), 4) > threshold:
+            return "looping_answer"
     return None
 
 

@@ -27,6 +27,7 @@ def summary_dict(cfg: DataConfig, conversations: ConversationSet, prepared: Prep
     }
     if prepared is not None:
         out["tokenizer"] = tokenizer_name
+        out["template"] = prepared.template
         out["tokens"] = prepared.stats()
         out["token_dropped"] = dict(prepared.token_dropped)
     return out
@@ -49,7 +50,7 @@ def format_summary(summary: dict) -> str:
         lines.append(f"           sides dropped inside kept rows: {_counts(s['samples_dropped'])}")
     if "tokens" in s:
         cfg = s["config"]
-        lines.append(f"tokens     tokenizer {s['tokenizer']}, template {cfg['template']}, max_length {cfg['max_length']}"
+        lines.append(f"tokens     tokenizer {s['tokenizer']}, template {s['template']}, max_length {cfg['max_length']}"
                      + (", loss on prompts too" if cfg["train_on_prompt"] else ""))
         lines.append(f"           {'split':<11}{'samples':>8}{'tokens':>10}{'loss':>10}{'share':>7}"
                      f"{'median':>8}{'p95':>6}{'cut':>6}")

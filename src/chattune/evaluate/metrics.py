@@ -16,6 +16,7 @@ import torch
 
 from chattune.data import IGNORE_INDEX, collate
 from chattune.loss import shift_targets, token_losses
+from chattune.textstats import repeated_ngram_rate  # noqa: F401 (re-exported: seq-rep-n)
 
 LOOP = 0.2  # seq-rep-4 above this reads as a loop (Welleck et al. 2020 report ~0.4-0.6 for greedy GPT-2)
 RESAMPLES = 1000
@@ -58,13 +59,6 @@ def loss_on_samples(model, samples: list[dict], pad_id: int, batch_size: int, de
 
 
 # -- text metrics ------------------------------------------------------------------------
-def repeated_ngram_rate(tokens: list, n: int = 4) -> float:
-    """seq-rep-n (Welleck et al. 2020): share of n-grams in one answer that already occurred
-    earlier in it (0 = no loops)."""
-    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
-    return 1 - len(set(grams)) / len(grams) if grams else 0.0
-
-
 def distinct_n(answers: list[list], n: int = 2) -> float:
     """Corpus-level distinct-n (Li et al. 2016): unique n-grams / all n-grams."""
     grams = [tuple(a[i:i + n]) for a in answers for i in range(len(a) - n + 1)]
