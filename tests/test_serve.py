@@ -342,7 +342,9 @@ def test_the_adapter_directory_is_what_peft_and_vllm_load(runs):
     from chattune.models import load_model
 
     adapter = runs["lora"] / "adapter"
-    assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    files = {p.name for p in adapter.iterdir()}
+    # PEFT's model card (README.md) rides along; no pickles, no optimiser state, no other weights
+    assert files - {"README.md"} == {"adapter_config.json", "adapter_model.safetensors"}
     config = PeftConfig.from_pretrained(adapter)
     expected = get_peft_model_state_dict(get_peft_model(load_model(config.base_model_name_or_path), config))
     with safe_open(adapter / "adapter_model.safetensors", "pt") as f:
