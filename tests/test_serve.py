@@ -119,6 +119,17 @@ def test_streaming_equals_the_whole_answer(server):
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
 
 
+def test_stop_strings_and_seeds(server):
+    c = client(server["url"])
+    whole = ask(c, "lora").choices[0].message.content
+    stop = whole[len(whole) // 2:][:3]
+    cut = ask(c, "lora", stop=[stop])
+    assert cut.choices[0].message.content == whole[:whole.index(stop)] and cut.choices[0].finish_reason == "stop"
+    sampled = [c.chat.completions.create(model="pre", messages=[{"role": "user", "content": PROMPT}], max_tokens=8,
+                                         temperature=1.0, seed=seed).choices[0].message.content for seed in (7, 7, 8)]
+    assert sampled[0] == sampled[1] != sampled[2]
+
+
 def test_messages_with_system_and_assistant_turns(server):
     got = client(server["url"]).chat.completions.create(model="lora", max_tokens=4, temperature=0, messages=[
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},

@@ -14,7 +14,7 @@ import json
 import time
 import uuid
 from importlib import resources
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
@@ -73,7 +73,7 @@ class ChatRequest(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
-    stop: str | list[str] | None = Field(None, max_length=4)
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None  # OpenAI allows up to 4
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
