@@ -48,7 +48,7 @@ def prompts(n: int) -> list[str]:
 def train_run(out: Path) -> Path:
     """A one-step LoRA run on SmolLM2-135M: the served speed does not depend on training."""
     cmd = [sys.executable, "-m", "chattune.cli", "train", "--model", "smollm2-135m", "--max-steps", "1",
-           "--batch-size", "2", "--max-length", "256", "--output-dir", str(out)]
+           "--batch-size", "2", "--max-length", "256", "--set", "train.max_eval_samples=4", "--output-dir", str(out)]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return out
 

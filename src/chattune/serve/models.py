@@ -113,18 +113,22 @@ def _served_shared(paths: dict[str, Path], cfgs: dict[str, RunConfig]) -> Served
     if len({len(t) for t in tokenizers.values()}) > 1:
         raise UserError("the runs' tokenizers differ in size; they were not trained on the same base")
     switch = _Switch(raw)
+    # PEFT's adapter names are module-dict keys: no dots, and a name like "lora" clashes with
+    # the "lora_" parameter prefix; so adapters get plain ids, the public names stay ours
+    ids = {name: f"run{i}" for i, name in enumerate(paths)}
     models: dict[str, torch.nn.Module] = {}
     wrappers: dict[str, PeftModel] = {}  # one PeftModel per PEFT type
     for name in sorted(cfgs, key=lambda n: _ORDER[cfgs[n].method.name]):
         method, adapter_dir = cfgs[name].method.name, paths[name] / "adapter"
         if method == "adapter":
-            models[name] = _attach_bottleneck(raw, adapter_dir, switch, name)
+            models[name] = _attach_bottleneck(raw, adapter_dir, switch, ids[name], name)
             continue
         kind = json.loads((adapter_dir / "adapter_config.json").read_text())["peft_type"]
         if kind not in wrappers:
-            wrappers[kind] = PeftModel.from_pretrained(raw, adapter_dir, adapter_name=name, is_trainable=False)
+            wrappers[kind] = PeftModel.from_pretrained(raw, adapter_dir, adapter_name=ids[name],
+                                                         is_trainable=False)
         else:
-            wrappers[kind].load_adapter(adapter_dir, adapter_name=name, is_trainable=False)
+            wrappers[kind].load_adapter(adapter_dir, adapter_name=ids[name], is_trainable=False)
         models[name] = wrappers[kind]
         if get_method(method).inference is not None:
             get_method(method).inference(models[name])
@@ -135,19 +139,19 @@ def _served_shared(paths: dict[str, Path], cfgs: dict[str, RunConfig]) -> Served
         model = models[name].eval()
         runs[name] = LoadedRun(cfg, model, tokenizers[name], get_method(cfg.method.name), path)
         peft_model = model if isinstance(model, PeftModel) else None
-        variants[name] = Variant(model, lambda n=name, m=peft_model: switch.only(n, m),
+        variants[name] = Variant(model, lambda n=ids[name], m=peft_model: switch.only(n, m),
                                  runs[name].virtual_tokens)
     variants[BASE] = Variant(raw, lambda: switch.only(None, None))
     return Served(runs, variants, next(iter(tokenizers.values())), first.model.name)
 
 
-def _attach_bottleneck(raw: torch.nn.Module, adapter_dir: Path, switch: "_Switch", name: str) -> torch.nn.Module:
+def _attach_bottleneck(raw: torch.nn.Module, adapter_dir: Path, switch: "_Switch", adapter_id: str,
+                       name: str) -> torch.nn.Module:
     if switch.bottleneck is not None:
         # chattune's bottleneck adapters wrap each sublayer once; a second set would wrap the first
-        raise UserError(f"'{switch.bottleneck}' and '{name}' are both bottleneck-adapter runs; "
-                        f"serve one of them per server")
+        raise UserError(f"'{name}' is a second bottleneck-adapter run; serve one of them per server")
     bottleneck.load(raw, adapter_dir)
-    switch.bottleneck = name
+    switch.bottleneck = adapter_id
     return raw
 
 
