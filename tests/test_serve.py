@@ -361,3 +361,9 @@ def test_the_adapter_directory_is_what_peft_and_vllm_load(runs):
     with safe_open(adapter / "adapter_model.safetensors", "pt") as f:
         assert set(f.keys()) == set(expected)
         assert all(f.get_slice(k).get_shape() == list(expected[k].shape) for k in f.keys())
+
+
+def test_unset_api_key_variable_is_refused(runs, monkeypatch, capsys):
+    monkeypatch.delenv("CHATTUNE_TEST_KEY", raising=False)
+    assert main(["serve", str(runs["lora"]), "--port", "0", "--api-key-env", "CHATTUNE_TEST_KEY"]) == 2
+    assert "CHATTUNE_TEST_KEY is not set" in capsys.readouterr().err
