@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import httpx
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "src" / "chattune" / "resources" / "sample_arena.jsonl"
@@ -136,6 +137,7 @@ def main() -> None:
     if args.quick:
         args.levels, args.requests, args.max_tokens = "1,8,32", 1, 16
     levels = [int(x) for x in args.levels.split(",")]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # killed: still stop the server (finally below)
     with tempfile.TemporaryDirectory() as tmp:
         run = args.run or train_run(Path(tmp) / "run")
         proc, url = start_server(run, max_batch=max(levels), max_tokens=args.max_tokens)
@@ -152,10 +154,11 @@ def main() -> None:
         finally:
             proc.send_signal(signal.SIGTERM)
             code = proc.wait(timeout=120)
+        model = yaml.safe_load((run / "config.yaml").read_text())["model"]["name"]
     speed = {str(r["clients"]): r["tokens_per_s"] for r in rows}
     ratio = round(speed["32"] / speed["1"], 2) if "32" in speed and "1" in speed and speed["1"] else None
-    print(json.dumps({"model": "smollm2-135m", "quick": args.quick, "max_tokens": args.max_tokens,
-                      "failures": sum(r["failures"] for r in rows), "tokens_per_s": speed,
+    print(json.dumps({"model": model, "run": str(args.run or "one-step LoRA"), "quick": args.quick,
+                      "max_tokens": args.max_tokens, "failures": sum(r["failures"] for r in rows), "tokens_per_s": speed,
                       "speedup_32_vs_1": ratio, "server_exit_code": code, "levels": rows}))
 
 
