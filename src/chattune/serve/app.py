@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chattune.engine import DEFAULTS, Answer, PromptTooLong
 from chattune.errors import UserError
-from chattune.serve.models import BASE, Served
+from chattune.serve.models import Served
 from chattune.serve.worker import Busy, Job, Worker
 
 MAX_BODY = 1 << 20  # 1 MiB: a chat request is text; anything larger is a mistake or an attack
