@@ -23,7 +23,8 @@ import yaml
 
 openai = pytest.importorskip("openai", reason="needs the serve extra: pip install 'chattune[serve]'")
 httpx = pytest.importorskip("httpx")
-uvicorn = pytest.importorskip("uvicorn")
+uvicorn = pytest.importorskip("uvicorn", reason="needs the serve extra: pip install 'chattune[serve]'")
+pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'chattune[serve]'")
 
 from chattune.cli import main  # noqa: E402
 from chattune.engine import Engine  # noqa: E402
