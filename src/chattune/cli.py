@@ -243,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
         compare.add_parser(sub)
     except ImportError:
         pass
+    from chattune.serve import command as serve_command
+
+    serve_command.add_parser(sub)
     return parser
 
 

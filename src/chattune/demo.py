@@ -50,6 +50,7 @@ def demo(args) -> int:
     result.pop("answers")
     print(eval_table(result))
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s; chat with it: chattune chat {args.output_dir}")
+    print(f"serve it (OpenAI API + chat page on http://127.0.0.1:8000/):\nchattune serve {args.output_dir}")
     return 0
 
 
