@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 
 from chattune.config import from_dict, load_yaml
 from chattune.data import render_prompt_ids, stop_strings, turn_token_ids
-from chattune.engine import DEFAULTS, GREEDY, Answer, Engine, Request, SamplingParams, Variant
+from chattune.engine import DEFAULTS, Answer, Engine, Request, SamplingParams, Variant
 from chattune.errors import UserError
 from chattune.methods import get_method
 from chattune.init_from import load_start_model
@@ -93,14 +93,6 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     if method.inference is not None:
         method.inference(model)
     return LoadedRun(cfg, model, tokenizer, method, run_dir)
-
-
-def answer_all(run: LoadedRun, conversations: list[list[dict]], *, max_new_tokens: int,
-               sampling: SamplingParams = GREEDY, variant: str = "tuned", max_batch: int = 16) -> list[Answer]:
-    """Answers to conversations ending in a user turn, decoded together."""
-    engine = run.engine(base=variant == "base", max_batch=max_batch)
-    return engine.run([run.request(c, max_new_tokens=max_new_tokens, sampling=sampling, variant=variant)
-                       for c in conversations])
 
 
 def stream_answer(run: LoadedRun, conversation: list[dict], *, variant: str = "tuned", max_new_tokens: int = 256,
