@@ -28,7 +28,7 @@ from transformers import PreTrainedTokenizerBase
 
 from chattune.data.config import DataConfig
 from chattune.data.render import PreparedData, _tokenize
-from chattune.data.select import WINNER_SIDES, ConversationSet, Drop, _duplicate, _out_of_bounds, clean_turns, \
+from chattune.data.select import WINNER_SIDES, ConversationSet, Drop, check_row, _duplicate, _out_of_bounds, clean_turns, \
     load_conversations, split_of
 from chattune.data.sources import BadRow, Row
 from chattune.errors import UserError
@@ -50,13 +50,7 @@ def pair_samples(row: Row, cfg: DataConfig, seen: set[bytes]) -> tuple[list[dict
     if row.winner in NO_PREFERENCE:
         raise Drop(NO_PREFERENCE[row.winner])
     good, bad = ("a", "b") if row.winner == "model_a" else ("b", "a")
-    for side in (good, bad):
-        if isinstance(row.sides[side], BadRow):
-            raise row.sides[side]
-    if row.flagged and not cfg.keep_flagged:
-        raise Drop("flagged")
-    if cfg.language and (row.language or "").casefold() != cfg.language.casefold():
-        raise Drop("language")
+    check_row(row, cfg, (good, bad))
     turns = cfg.turns or "first"
     chosen, rejected = clean_turns(row.sides[good], turns), clean_turns(row.sides[bad], turns)
     if [m for m in chosen if m["role"] == "user"] != [m for m in rejected if m["role"] == "user"]:

@@ -83,10 +83,8 @@ def load_conversations(cfg: DataConfig, row_samples=None) -> ConversationSet:
     return out
 
 
-def _row_samples(row: Row, cfg: DataConfig, seen: set[bytes]) -> tuple[list[dict], Counter]:
-    """The samples of one row and the sides dropped inside it; raises BadRow or Drop for the row."""
-    sides = _used_sides(row, cfg)
-    conversations = {}
+def check_row(row: Row, cfg: DataConfig, sides) -> None:
+    """The row-level rules every selection applies: raises BadRow or Drop for the row."""
     for side in sides:  # bad input on a used side is checked before any filter
         if isinstance(row.sides[side], BadRow):
             raise row.sides[side]
@@ -94,6 +92,13 @@ def _row_samples(row: Row, cfg: DataConfig, seen: set[bytes]) -> tuple[list[dict
         raise Drop("flagged")
     if cfg.language and (row.language or "").casefold() != cfg.language.casefold():
         raise Drop("language")
+
+
+def _row_samples(row: Row, cfg: DataConfig, seen: set[bytes]) -> tuple[list[dict], Counter]:
+    """The samples of one row and the sides dropped inside it; raises BadRow or Drop for the row."""
+    sides = _used_sides(row, cfg)
+    conversations = {}
+    check_row(row, cfg, sides)
     for side in sides:
         conversations[side] = clean_turns(row.sides[side], cfg.turns)
     samples, misses = [], Counter()
