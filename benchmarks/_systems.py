@@ -154,6 +154,8 @@ def run_trl(spec: dict) -> dict:
     settings = dict(spec["trl"])
     if not spec["gpu"]:
         settings["use_cpu"] = True
+        # like chattune's precision auto: bf16 only where the CPU multiplies it natively
+        settings["bf16"] = settings.get("bf16", False) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     args = SFTConfig(output_dir=str(Path(spec["work"]) / "trl-run"), max_steps=spec["steps"],
                      max_length=spec["pack_length"], logging_steps=1, save_strategy="no", report_to="none",
                      disable_tqdm=True, seed=spec["seed"], **settings)

@@ -161,8 +161,10 @@ def test_eval_base_numbers_equal_untouched_base(tiny_dirs, tmp_path, capsys):
     run = load_run(out)
     samples = prepare(run.cfg.data, run.tokenizer).splits["test"]
     untouched = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"])
-    ref = loss_on_samples(untouched, samples, run.tokenizer.pad_token_id, 8, torch.device("cpu"),
-                          torch.bfloat16)
+    from chattune.models import autocast_dtype
+
+    cpu = torch.device("cpu")
+    ref = loss_on_samples(untouched, samples, run.tokenizer.pad_token_id, 8, cpu, autocast_dtype("auto", cpu))
     assert result["base"]["loss"] == pytest.approx(ref["loss"], rel=1e-6)
     assert result["base"]["all_loss"] == pytest.approx(ref["all_loss"], rel=1e-6)
     assert result["tuned"]["loss"] != pytest.approx(ref["loss"], rel=1e-6)
