@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
-import time
 
 import pytest
 import torch
@@ -22,7 +20,7 @@ from chattune.methods import all_methods, get_method
 from chattune.objectives import Preference, collate_pairs, pair_logps
 from conftest import build_model
 from test_train import _cli, metrics
-from tiny import tiny_dirs  # noqa: F401  (fixture)
+from tiny import kill_after_checkpoint, tiny_dirs  # noqa: F401  (fixture)
 
 LN2 = math.log(2)
 METHODS = ["lora", "dora", "ia3", "adapter", "prompt", "prefix", "full"]
@@ -148,14 +146,7 @@ def test_killed_and_resumed_dpo_equals_uninterrupted(tiny_dirs, tmp_path):
     assert main(pref_args(tiny_dirs["gpt2"], straight, *common)) == 0
     killed = tmp_path / "killed"
     proc = _cli(*pref_args(tiny_dirs["gpt2"], killed, *common))
-    deadline = time.time() + 120
-    while time.time() < deadline:  # kill as soon as a mid-run checkpoint exists
-        state = killed / "checkpoint" / "state.json"
-        if state.is_file() and 4 <= json.loads(state.read_text())["step"] < 14:
-            break
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint(proc, killed, 4, 14)  # as soon as a mid-run checkpoint exists
     assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
     assert main(["train", "--resume", str(killed)]) == 0
     a, b = metrics(straight), metrics(killed)

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from chattune.cli import main
-from tiny import tiny_dirs  # noqa: F401  (fixture)
+from tiny import kill_after_checkpoint, tiny_dirs  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).parents[1]
 
@@ -98,14 +96,7 @@ def test_killed_and_resumed_equals_uninterrupted(tiny_dirs, tmp_path):
 
     killed = tmp_path / "killed"
     proc = _cli(*train_args(tiny_dirs["gpt2"], killed, *common))
-    deadline = time.time() + 120
-    while time.time() < deadline:  # kill as soon as a mid-run checkpoint exists
-        state = killed / "checkpoint" / "state.json"
-        if state.is_file() and 4 <= json.loads(state.read_text())["step"] < 20:
-            break
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint(proc, killed, 4, 20)  # as soon as a mid-run checkpoint exists
     assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
     assert main(["train", "--resume", str(killed)]) == 0
     a, b = metrics(straight), metrics(killed)

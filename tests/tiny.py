@@ -61,3 +61,19 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     """Tiny random GPT-2 and Llama directories, built once per test session."""
     root = tmp_path_factory.mktemp("tiny-models")
     return {arch: save_tiny(root / arch, arch) for arch in ("gpt2", "llama")}
+
+
+def kill_after_checkpoint(proc, run_dir: Path, first: int, last: int) -> None:
+    """SIGKILL ``proc`` as soon as ``run_dir`` holds a checkpoint of a step in [first, last)."""
+    import os
+    import signal
+    import time
+
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        state = run_dir / "checkpoint" / "state.json"
+        if state.is_file() and first <= json.loads(state.read_text())["step"] < last:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
