@@ -11,12 +11,15 @@ answered by:
   where it runs;
 - ``chattune``: ``chattune.engine.Engine`` with C slots (continuous batching).
 Tokens/s counts answer tokens (EOS and padding excluded), all systems timed in one
-process, one after the other. Every method is also timed at C = 1 against plain
-``generate`` (its own base model), and bf16 weights against float32 at 16 sequences,
-with the greedy answers compared.
+process, one after the other. ``hf_single`` and C = 1 use the first 8 requests (4 with
+``--quick``: one sequence at a time is slow). Every method is also timed at C = 1 against plain
+``generate`` (its own base model), bf16 weights against float32 at 16 sequences, with
+the greedy answers compared, and eval's workload (a LoRA run's tuned and base answers
+to the same prompts) with tuned and base rows in one forward per step (``Variant.route``)
+against a forward per variant.
 
-    .venv/bin/python benchmarks/generation.py --quick     # < 3 min: SmolLM2, C = 1 and 16
-    .venv/bin/python benchmarks/generation.py             # both models, C = 1, 4, 16, 64
+    .venv/bin/python benchmarks/generation.py --quick     # < 3 min: SmolLM2, C = 16, 128 tokens
+    .venv/bin/python benchmarks/generation.py             # both models, C = 1, 4, 16, 64, 256 tokens
 
 The last line is one JSON object with ``vs_hf_batched_16`` and ``vs_hf_single``.
 """
@@ -105,17 +108,17 @@ def rate(tokens: int, seconds: float) -> float:
     return round(tokens / seconds, 1)
 
 
-def model_table(name: str, concurrencies: list[int], n_req: int, max_new: int, try_batch_api: bool) -> dict:
+def model_table(name: str, concurrencies: list[int], n_req: int, max_new: int, try_batch_api: bool,
+                single: int) -> dict:
     model, tok = load(name)
     prompts = prompts_for(tok, max(n_req, max(concurrencies)))
     out = {"model": name, "requests": len(prompts), "max_new_tokens": max_new, "rows": []}
     engine_run({"tuned": Variant(model)}, tok, prompts[:2], 2, 4)  # warm-up
-    single_prompts = prompts[: max(4, n_req // 8)]
-    t, s, _ = hf_batched(model, tok, single_prompts, 1, max_new)
+    t, s, _ = hf_batched(model, tok, prompts[:single], 1, max_new)
     out["hf_single"] = rate(t, s)
     print(f"[{name}] hf generate, 1 sequence: {out['hf_single']} tokens/s", flush=True)
     for c in concurrencies:
-        reqs = prompts[: max(n_req, c)]
+        reqs = prompts[:single] if c == 1 else prompts[: max(n_req, c)]
         row = {"concurrent": c}
         t, s, hf_out = hf_batched(model, tok, reqs, c, max_new)
         row["hf_batched"] = rate(t, s)
@@ -146,6 +149,41 @@ def bf16_check(name: str, n_req: int, max_new: int, c: int = 16) -> dict:
     res = {"fp32": rate(t32, s32), "bf16": rate(t16, s16), "bf16_vs_fp32": round(rate(t16, s16) / rate(t32, s32), 2),
            "same_greedy_answers": sum(a == b for a, b in zip(a32, a16)) / len(prompts)}
     print(f"[{name}] bf16 weights: {json.dumps(res)}", flush=True)
+    return res
+
+
+def lanes_check(name: str, n_req: int, max_new: int, c: int = 16) -> dict:
+    """eval's workload: a LoRA run's tuned and base answers to the same prompts, tuned and
+    base rows in one forward per step (the method's route) against one forward per variant."""
+    from chattune.methods import get_method
+
+    m = get_method("lora")
+    base, tok = load(name)
+    model = m.apply(base, m.config_cls(), tok).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():  # a trained-looking adapter: B off zero, so tuned and base differ
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.01)
+    prompts = prompts_for(tok, n_req // 2)
+    reqs = lambda: [Request(p, max_new_tokens=max_new, sampling=GREEDY, variant=v)  # noqa: E731
+                    for p in prompts for v in ("tuned", "base")]
+    route = lambda names: m.route(model, ["default" if v == "tuned" else None for v in names])  # noqa: E731
+    shared = {"tuned": Variant(model, lane="run", route=route),
+              "base": Variant(model, lambda: m.disable(model), lane="run", route=route)}
+    apart = {"tuned": Variant(model), "base": Variant(model, lambda: m.disable(model))}
+    res = {}
+    for label, variants in (("one_forward", shared), ("forward_per_variant", apart)):
+        Engine(variants, tok, tok.eos_token_id, max_batch=c).run(reqs()[:4])  # warm-up
+        engine = Engine(variants, tok, tok.eos_token_id, max_batch=c)
+        start = time.perf_counter()
+        answers = engine.run(reqs())
+        res[label] = rate(sum(len(a.token_ids) for a in answers), time.perf_counter() - start)
+        res[label + "_answers"] = [a.token_ids for a in answers]
+    same = sum(a == b for a, b in zip(res.pop("one_forward_answers"), res.pop("forward_per_variant_answers")))
+    res["speedup"] = round(res["one_forward"] / res["forward_per_variant"], 2)
+    res["same_greedy_answers"] = same / (2 * len(prompts))
+    print(f"[{name}] LoRA tuned + base at {c} rows: {json.dumps(res)}", flush=True)
     return res
 
 
@@ -185,24 +223,25 @@ def methods_single(name: str, max_new: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="SmolLM2 only, 1 and 16 sequences, short answers")
+    ap.add_argument("--quick", action="store_true", help="SmolLM2 only, 16 sequences, 128 tokens")
     ap.add_argument("--models", default="smollm2-135m,gpt2")
     ap.add_argument("--concurrency", default="1,4,16,64")
     ap.add_argument("--requests", type=int, default=64, help="requests per concurrency level (at least C)")
-    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     models = ["smollm2-135m"] if args.quick else args.models.split(",")
-    conc = [1, 16] if args.quick else [int(c) for c in args.concurrency.split(",")]
+    conc = [16] if args.quick else [int(c) for c in args.concurrency.split(",")]
     n_req = 32 if args.quick else args.requests
-    max_new = 64 if args.quick else args.max_new_tokens
+    max_new = 128 if args.quick else args.max_new_tokens
     result = {"threads": torch.get_num_threads(), "models": {}}
     for name in models:
-        table = model_table(name, conc, n_req, max_new, try_batch_api=not args.quick)
+        table = model_table(name, conc, n_req, max_new, try_batch_api=not args.quick, single=4 if args.quick else 8)
         if not args.quick:
             table["bf16"] = bf16_check(name, n_req, max_new)
+            table["tuned_and_base"] = lanes_check(name, n_req, max_new)
             table["methods_single"] = methods_single(name, max_new)
         result["models"][name] = table
     head = result["models"][models[0]]

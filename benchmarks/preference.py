@@ -7,7 +7,8 @@ The pairs are Arena-Hard v0.1's (../shared/data/arena_hard_v0.1.jsonl): gpt-4-03
 chosen over gpt-3.5-turbo-0125's, selected by chattune's pair pipeline (training split),
 first ``steps x batch`` pairs. Both systems train LoRA (r=8, alpha=16, dropout 0.05 (both
 switch dropout off for DPO), the model's default targets), DPO beta 0.1, the same learning
-rate and cosine schedule without warmup, bf16 autocast, for the same number of optimiser
+rate and cosine schedule without warmup, the same precision (bf16 autocast where the CPU has
+bf16 instructions, float32 elsewhere: ``chattune.models.autocast_dtype("auto")``), for the same number of optimiser
 steps of ``batch`` pairs each, in their own process (each its own peak RSS):
 
   trl       DPOTrainer + PEFT; its reference is the adapter switched off, one more forward per step
@@ -58,7 +59,7 @@ def run_chattune(spec: dict, packing: bool) -> dict:
     cmd = [sys.executable, "-m", "chattune.cli", "train", "--objective", "dpo", "--method", "lora",
            "--model", spec["model"], "--dataset", spec["pairs"], "--format", "pairs", "--output-dir", str(out),
            "--batch-size", str(spec["batch"]), "--max-length", str(spec["max_length"]), "--lr", str(LR),
-           "--precision", "bf16", "--packing" if packing else "--no-packing", "--json",
+           "--precision", "auto", "--packing" if packing else "--no-packing", "--json",
            "--set", "data.val_ratio=0", "--set", "data.test_ratio=0", "--set", "data.dedup=false",
            "--set", "train.warmup_ratio=0", "--set", "train.log_every=1", "--set", f"train.beta={BETA}",
            "--set", f"method.lora.r={LORA['r']}", "--set", f"method.lora.alpha={LORA['alpha']}",
@@ -90,7 +91,7 @@ def run_trl(spec: dict) -> dict:
 
     sys.path.insert(0, str(REPO / "src"))
     from chattune.data.render import SEED_ASSISTANT, SEED_USER
-    from chattune.models import default_targets, resolve
+    from chattune.models import autocast_dtype, default_targets, resolve
 
     path = resolve(spec["model"])
     tok = AutoTokenizer.from_pretrained(path)
@@ -103,7 +104,7 @@ def run_trl(spec: dict) -> dict:
                       target_modules=default_targets(kind), fan_in_fan_out=kind == "gpt2")
     args = DPOConfig(output_dir=str(Path(spec["work"]) / "trl"), max_steps=spec["steps"], beta=BETA,
                      per_device_train_batch_size=spec["batch"], learning_rate=LR, lr_scheduler_type="cosine",
-                     warmup_steps=0, bf16=True, use_cpu=not torch.cuda.is_available(), logging_steps=1,
+                     warmup_steps=0, bf16=autocast_dtype("auto", torch.device("cpu")) is not None, use_cpu=not torch.cuda.is_available(), logging_steps=1,
                      report_to=[], save_strategy="no", gradient_checkpointing=False,
                      max_length=spec["max_length"], precompute_ref_log_probs=spec["trl_precompute"],
                      dataloader_num_workers=0, seed=0)

@@ -57,20 +57,31 @@ def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
     return out
 
 
+def variants_of(m, model, base) -> dict[str, Variant]:
+    """tuned and base as ``LoadedRun.variants`` builds them: one lane where the method routes rows."""
+    lane = route = None
+    if m.route is not None:
+        lane = "run"
+        route = lambda names: m.route(model, [model.active_adapter if n == "tuned" else None for n in names])  # noqa: E731
+    if m.disable is None:
+        return {"tuned": Variant(model), "base": Variant(base)}
+    return {"tuned": Variant(model, lane=lane, route=route),
+            "base": Variant(model, lambda: m.disable(model), lane=lane, route=route)}
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("method", METHODS)
 def test_batched_greedy_equals_sequential_greedy(method, arch, tokenizer, prompts):
     m, model, base = tuned(method, arch, tokenizer)
-    variants = {"tuned": Variant(model)}
-    if m.disable is not None:
-        variants["base"] = Variant(model, lambda: m.disable(model))
-    else:
-        variants["base"] = Variant(base)
-    engine = Engine(variants, tokenizer, eos_id=-1, max_batch=4)  # 12 requests, 4 slots: rows come and go
+    engine = Engine(variants_of(m, model, base), tokenizer, eos_id=-1, max_batch=4)  # 4 slots: rows come and go
     lengths = [3, 9, 5, 12, 4, 7]
     reqs = [Request(p, max_new_tokens=n, sampling=GREEDY, variant=v)
             for v in ("tuned", "base") for p, n in zip(prompts, lengths)]
+    reqs.insert(3, Request(prompts[1], max_new_tokens=9, sampling=GREEDY))  # shares prompts[1]'s prefill
+    reqs.insert(5, Request(prompts[1], max_new_tokens=9, sampling=GREEDY, variant="base"))  # a mixed lane
     answers = engine.run(reqs)
+    assert answers[3].token_ids == answers[1].token_ids
+    del reqs[5], answers[5], reqs[3], answers[3]
     for r, a in zip(reqs, answers):
         ref_model = model if r.variant == "tuned" else (base if m.disable is None else None)
         if ref_model is None:
@@ -82,6 +93,26 @@ def test_batched_greedy_equals_sequential_greedy(method, arch, tokenizer, prompt
         assert a.finish_reason == "length"
     # the base rows really are the base model
     assert [a.token_ids for a in answers[6:]] == [greedy_reference(base, p, n) for p, n in zip(prompts, lengths)]
+
+
+def test_lora_tuned_and_base_rows_share_one_forward_per_step(tokenizer, prompts):
+    m, model, base = tuned("lora", "llama", tokenizer)
+    engine = Engine(variants_of(m, model, base), tokenizer, eos_id=-1, max_batch=4)
+    for v in ("tuned", "base", "tuned", "base"):
+        engine.add(Request(prompts[2], max_new_tokens=6, sampling=GREEDY, variant=v))
+    calls = []
+    hook = model.get_base_model().register_forward_pre_hook(lambda mod, args, kw: calls.append(kw["input_ids"].shape),
+                                                            with_kwargs=True)
+    try:
+        steps = 0
+        while engine.has_work():
+            engine.step()
+            steps += 1
+    finally:
+        hook.remove()
+    decode = [shape for shape in calls if shape[1] == 1]
+    assert len(decode) == steps and all(shape[0] == 4 for shape in decode)  # one 4-row forward per step
+    assert len(calls) - len(decode) == 2  # one prefill per (variant, prompt)
 
 
 def test_continuous_batching_refills_free_slots(tokenizer, prompts):

@@ -50,10 +50,15 @@ class LoadedRun:
 
     def variants(self, base: bool = True) -> dict[str, Variant]:
         """The engine's variants: ``tuned``, and ``base`` (the method switched off) if asked."""
-        out = {"tuned": Variant(self.model, virtual_tokens=self.virtual_tokens)}
+        lane = route = None
+        if base and self.method.route is not None:  # tuned and base rows decode in one forward
+            adapter = self.model.active_adapter
+            lane = "run"
+            route = lambda names: self.method.route(self.model, [adapter if n == "tuned" else None for n in names])  # noqa: E731
+        out = {"tuned": Variant(self.model, virtual_tokens=self.virtual_tokens, lane=lane, route=route)}
         if base:
             if self.method.disable is not None:
-                out["base"] = Variant(self.model, lambda: self.method.disable(self.model))
+                out["base"] = Variant(self.model, lambda: self.method.disable(self.model), lane=lane, route=route)
             else:
                 out["base"] = Variant(self._fresh_base())
         return out

@@ -20,7 +20,13 @@ How a row is decoded:
 - Continuous batching: a finished row leaves between steps (its cache rows are dropped
   and the common padding trimmed) and a waiting request is prefilled into the free slot.
 Rows that use different variants (tuned, base, another run) have a cache each and one
-forward each per step, under the variant's context (e.g. PEFT's ``disable_adapter``).
+forward each per step, under the variant's context (e.g. PEFT's ``disable_adapter``),
+unless the variants share a lane: LoRA rows of the tuned run and of the base differ
+only in the low-rank terms, so they decode in one forward whose ``route`` sends
+each row through its own adapter (PEFT's mixed adapter batches). A step reads the
+weights once instead of once per variant.
+- Requests with the same variant and prompt (eval's sampled and greedy answer to one
+  prompt) share one prefill.
 """
 
 from __future__ import annotations
@@ -50,6 +56,11 @@ class Variant:
     model: torch.nn.Module
     context: Callable[[], ContextManager] = contextlib.nullcontext
     virtual_tokens: int = 0  # cache positions the method adds in front of every prompt
+    # Variants naming the same ``lane`` (and the same ``model``) decode their rows in one
+    # forward, under ``route(names)``, names being each row's variant; prefill still runs
+    # under the row's own ``context``.
+    lane: str | None = None
+    route: Callable[[list[str]], ContextManager] | None = None
 
     @property
     def inner(self) -> torch.nn.Module:
@@ -156,8 +167,9 @@ class Engine:
         first = next(iter(variants.values())).model
         self.device = next(first.parameters()).device
         self.context_size = _context_size(first.config)
-        self.waiting: deque[_Row | Request] = deque()
-        self.lanes = {name: _Lane() for name in variants}
+        self.waiting: deque[Request] = deque()
+        self.lane_of = {name: v.lane or name for name, v in variants.items()}
+        self.lanes = {lane: _Lane() for lane in self.lane_of.values()}
         self.finished: list[Answer] = []
 
     # -- public ----------------------------------------------------------------------
@@ -203,10 +215,10 @@ class Engine:
         """Admit waiting requests into free slots, decode one token for every row; return
         the answers that finished during this step."""
         while self.waiting and self.active < self.max_batch:
-            self._prefill(self.waiting.popleft())
-        for name, lane in self.lanes.items():
+            self._prefill(self._same_prompt(self.waiting.popleft(), self.max_batch - self.active))
+        for lane in self.lanes.values():
             if lane.rows:
-                self._decode(name, lane)
+                self._decode(lane)
         done, self.finished = self.finished, []
         return done
 
@@ -225,36 +237,52 @@ class Engine:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
 
+    def _same_prompt(self, first: Request, room: int) -> list[Request]:
+        """``first`` and up to ``room - 1`` waiting requests with its variant and prompt."""
+        group = [first]
+        for req in list(self.waiting):
+            if len(group) >= room:
+                break
+            if req.variant == first.variant and req.prompt_ids == first.prompt_ids:
+                self.waiting.remove(req)
+                group.append(req)
+        return group
+
     @torch.no_grad()
-    def _prefill(self, req: Request) -> None:
-        variant = self.variants[req.variant]
-        ids = torch.tensor([req.prompt_ids], device=self.device)  # (1, T)
+    def _prefill(self, reqs: list[Request]) -> None:
+        """One forward over the prompt that every request in ``reqs`` shares."""
+        variant = self.variants[reqs[0].variant]
+        ids = torch.tensor([reqs[0].prompt_ids], device=self.device)  # (1, T)
         with variant.context(), self._autocast():
             variant.model.eval()
             out = variant.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
         length = cache.get_seq_length()
-        budget = min(req.max_new_tokens, self.context_size - length) if self.context_size else req.max_new_tokens
-        gen = None
-        if not req.sampling.greedy:
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(req.sampling.seed if req.sampling.seed is not None else
-                            int(torch.randint(0, 2**62, (1,))))
-        row = _Row(req, TextTracker(self.tokenizer, req.stop, req.on_text), gen, length, -1, budget,
-                   time.perf_counter())
         logits = out.logits[:, -1, :]  # (1, V)
-        seen = torch.zeros(logits.shape, dtype=torch.bool, device=self.device)
-        token = self._choose(logits, [row], seen)[0]
-        if budget < 1:  # check_length counts virtual tokens; this is a last guard
-            row.done = "length"
-        if row.done or self._accept(row, token, seen[0]):
-            self._finish(row)
-            return
-        self.lanes[req.variant].add(row, cache, seen)
+        for req in reqs:  # lanes copy the cache when a row joins: the rows never share storage
+            budget = min(req.max_new_tokens, self.context_size - length) if self.context_size else req.max_new_tokens
+            gen = None
+            if not req.sampling.greedy:
+                gen = torch.Generator(device=self.device)
+                gen.manual_seed(req.sampling.seed if req.sampling.seed is not None else
+                                int(torch.randint(0, 2**62, (1,))))
+            row = _Row(req, TextTracker(self.tokenizer, req.stop, req.on_text), gen, length, -1, budget,
+                       time.perf_counter())
+            seen = torch.zeros(logits.shape, dtype=torch.bool, device=self.device)
+            token = self._choose(logits, [row], seen)[0]
+            if budget < 1:  # check_length counts virtual tokens; this is a last guard
+                row.done = "length"
+            if row.done or self._accept(row, token, seen[0]):
+                self._finish(row)
+                continue
+            self.lanes[self.lane_of[req.variant]].add(row, cache, seen)
 
     @torch.no_grad()
-    def _decode(self, name: str, lane: _Lane) -> None:
-        variant = self.variants[name]
+    def _decode(self, lane: _Lane) -> None:
+        names = [r.req.variant for r in lane.rows]
+        variant = self.variants[names[0]]
+        mixed = variant.route is not None and len(set(names)) > 1
+        context = (lambda: variant.route(names)) if mixed else variant.context
         width = lane.width
         lengths = torch.tensor([r.length for r in lane.rows], device=self.device)
         ids = torch.tensor([[r.last] for r in lane.rows], device=self.device)  # (B, 1)
@@ -262,7 +290,7 @@ class Engine:
         mask = None
         if bool((pad > 0).any()):
             mask = (torch.arange(width + 1, device=self.device)[None, :] >= pad[:, None]).long()  # (B, L+1)
-        with variant.context(), self._autocast():
+        with context(), self._autocast():
             out = variant.inner(input_ids=ids, position_ids=lengths[:, None], attention_mask=mask,
                                 past_key_values=lane.cache, use_cache=True)
         tokens = self._choose(out.logits[:, -1, :], lane.rows, lane.seen)

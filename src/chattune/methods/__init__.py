@@ -36,6 +36,9 @@ class Method:
         description: one line for ``chattune methods``.
         inference: ``inference(model)`` readies a loaded model for decoding (e.g. DoRA
             caches its weight norms); None when nothing is needed.
+        route: ``route(model, adapters)`` is a context manager under which one forward runs
+            row i on adapter ``adapters[i]`` (None: the base), so tuned and base rows share
+            a decode step; None when each needs its own forward.
     """
 
     name: str
@@ -48,6 +51,7 @@ class Method:
     supports_packing: bool
     description: str
     inference: Callable[[nn.Module], None] | None = None
+    route: Callable[[nn.Module, list[str | None]], ContextManager] | None = None
 
 
 REGISTRY: dict[str, Method] = {}

@@ -168,6 +168,13 @@ def disable_peft(model):
     return model.disable_adapter()
 
 
+def route_lora(model, adapters: list[str | None]):
+    """PEFT's mixed adapter batches: each LoRA layer adds row i's own low-rank term (none
+    for the base) to one shared base-weight matmul. PEFT refuses them for DoRA, whose
+    magnitude rescales the whole output."""
+    return model.base_model._enable_peft_forward_hooks(adapter_names=[a or "__base__" for a in adapters])
+
+
 def merge_peft(model):
     return model.merge_and_unload()
 
@@ -190,4 +197,5 @@ for _name, _cls, _apply, _merge, _packing, _desc in [
 ]:
     register(Method(name=_name, config_cls=_cls, apply=_apply, save=save_peft, load=load_peft, disable=disable_peft,
                     merge=_merge, supports_packing=_packing, description=_desc,
-                    inference=cache_dora_norms if _name == "dora" else None))
+                    inference=cache_dora_norms if _name == "dora" else None,
+                    route=route_lora if _name == "lora" else None))

@@ -10,6 +10,9 @@ The base is loaded once and every run's method is attached to that one module tr
 - a bottleneck-adapter run wraps the decoder sublayers (``chattune.methods.adapter``).
 Which of these is on is set per engine lane by the variant's context: the run's own
 adapter is switched on and every other one off; ``base`` switches all of them off.
+LoRA runs (the methods with a ``route``) and ``base`` share one lane: a decode step runs
+their rows in one forward, each row through its own adapter (PEFT's mixed adapter
+batches), so clients of different LoRA runs do not split the batch.
 
 PEFT's own ``disable_adapter()`` cannot be used for that: it enables or disables *every*
 tuner layer under the model, including those of the other ``PeftModel`` on the same
@@ -26,6 +29,7 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
+from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import AutoTokenizer
 
@@ -133,15 +137,22 @@ def _served_shared(paths: dict[str, Path], cfgs: dict[str, RunConfig]) -> Served
         if get_method(method).inference is not None:
             get_method(method).inference(models[name])
     switch.collect()
+    routed = {name for name in cfgs if get_method(cfgs[name].method.name).route is not None}
+    lane = route = None
+    if routed:  # the LoRA runs and base: one forward per step
+        lora = wrappers["LORA"]
+        lane = "lora"
+        route = lambda names: switch.mixed(lora, [ids.get(n) for n in names])  # noqa: E731  (base: None)
     runs, variants = {}, {}
     for name, path in paths.items():  # command-line order
         cfg = cfgs[name]
         model = models[name].eval()
         runs[name] = LoadedRun(cfg, model, tokenizers[name], get_method(cfg.method.name), path)
         peft_model = model if isinstance(model, PeftModel) else None
+        shared = name in routed
         variants[name] = Variant(model, lambda n=ids[name], m=peft_model: switch.only(n, m),
-                                 runs[name].virtual_tokens)
-    variants[BASE] = Variant(raw, lambda: switch.only(None, None))
+                                 runs[name].virtual_tokens, lane if shared else None, route if shared else None)
+    variants[BASE] = Variant(raw, lambda: switch.only(None, None), lane=lane, route=route)
     return Served(runs, variants, next(iter(tokenizers.values())), first.model.name)
 
 
@@ -182,6 +193,21 @@ class _Switch:
                 peft_model.set_adapter(name)  # which prompt encoder the PeftModel's forward uses
             self.current = (name,)
         yield
+
+    @contextlib.contextmanager
+    def mixed(self, lora: PeftModel, adapters: list[str | None]):
+        """Only the LoRA layers on, row i through adapter ``adapters[i]`` (None: the base)."""
+        if self.current != ("mixed",):
+            for layer in self.tuner_layers:
+                on = isinstance(layer, LoraLayer)
+                layer.enable_adapters(on)
+                if on:
+                    layer.set_adapter(layer.active_adapters, inference_mode=True)
+            for _, wrapper in bottleneck._wrappers(self.raw):
+                wrapper.disabled = True
+            self.current = ("mixed",)
+        with get_method("lora").route(lora, adapters):
+            yield
 
 
 def _adapter_names(layer: BaseTunerLayer) -> set[str]:
