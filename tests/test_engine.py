@@ -65,7 +65,9 @@ def variants_of(m, model, base) -> dict[str, Variant]:
         route = lambda names: m.route(model, [model.active_adapter if n == "tuned" else None for n in names])  # noqa: E731
     if m.disable is None:
         return {"tuned": Variant(model), "base": Variant(base)}
-    return {"tuned": Variant(model, lane=lane, route=route),
+    virtual = getattr(model, "active_peft_config", None)
+    virtual = virtual.num_virtual_tokens if virtual is not None and virtual.is_prompt_learning else 0
+    return {"tuned": Variant(model, lane=lane, route=route, virtual_tokens=virtual),
             "base": Variant(model, lambda: m.disable(model), lane=lane, route=route)}
 
 

@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decodings", default="sampled,greedy",
                    help="sampled (the shipped sampling defaults, the headline) and/or greedy (a diagnostic)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (per prompt: derived from this and its id)")
-    p.add_argument("--max-batch", type=int, default=16, help="answers decoded at once (continuous batching)")
+    p.add_argument("--max-batch", type=int, default=32, help="answers decoded at once (continuous batching; default 32)")
     p.add_argument("--no-base", action="store_true", help="skip the base-model numbers")
     p.add_argument("--output-dir", help="where answers.jsonl and result.json go (default RUN/eval-NAME)")
     from chattune.evaluate.answers import EXPORTS

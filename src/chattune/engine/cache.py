@@ -76,6 +76,15 @@ def merge(cache: DynamicCache, other: DynamicCache) -> None:
                   torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)]))
 
 
+def rows(cache: DynamicCache, index: torch.Tensor) -> DynamicCache:
+    """A cache of ``cache``'s rows ``index`` (repeats allowed), as plain tensors."""
+    out = DynamicCache()
+    out.layers = [GrowingLayer(layer.keys.index_select(0, index), layer.values.index_select(0, index))
+                  for layer in cache.layers]
+    out.layer_class_to_replicate = None
+    return out
+
+
 def select(cache: DynamicCache, index: torch.Tensor, width: int) -> None:
     """Keep rows ``index`` and only the last ``width`` positions."""
     for layer in cache.layers:

@@ -12,8 +12,12 @@ PEFT prompt or prefix models and has no per-request stop strings or streaming ca
 
 How a row is decoded:
 - Prefill: the prompt goes through the *method's own* forward (PEFT's, with its virtual
-  tokens or key/value prefix), exactly as in training, one request at a time. Its cache
-  then holds ``n`` positions, virtual ones included.
+  tokens or key/value prefix), exactly as in training. Its cache then holds ``n``
+  positions, virtual ones included. The prompts admitted in one step go through together,
+  left-padded, in forwards of up to ``PREFILL_TOKENS`` padded tokens (sorted by length,
+  so little is padding); a prompt matrix of many rows runs the weight matmuls several
+  times faster per token than one short prompt at a time. Prompt and prefix tuning
+  prefill one prompt at a time (their virtual tokens sit in front of the padding).
 - Decode: the rows of one variant share a cache, left-padded to a common length ``L``.
   Each step feeds every row its last token at position ``n_i`` (its own cache length,
   which counts virtual tokens the way training did) with a mask that hides the padding.
@@ -26,7 +30,7 @@ only in the low-rank terms, so they decode in one forward whose ``route`` sends
 each row through its own adapter (PEFT's mixed adapter batches). A step reads the
 weights once instead of once per variant.
 - Requests with the same variant and prompt (eval's sampled and greedy answer to one
-  prompt) share one prefill.
+  prompt) share one prefill row.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ from chattune.engine import cache as kv
 from chattune.engine.sampling import DEFAULTS, SamplingParams, choose, penalise
 from chattune.engine.text import TextTracker
 from chattune.errors import UserError
+
+PREFILL_TOKENS = 2048  # padded prompt tokens per prefill forward
 
 
 @dataclass
@@ -129,12 +135,13 @@ class _Lane:
     def width(self) -> int:
         return self.cache.get_seq_length() if self.rows else 0
 
-    def add(self, row: _Row, cache, seen: torch.Tensor) -> None:
+    def add(self, rows: list[_Row], cache, seen: torch.Tensor) -> None:
+        """Rows joining with their (left-padded) cache rows and (len(rows), V) ``seen``."""
         if not self.rows:
-            self.rows, self.cache, self.seen = [row], kv.growing(cache), seen
+            self.rows, self.cache, self.seen = list(rows), kv.growing(cache), seen
             return
         kv.merge(self.cache, cache)
-        self.rows.append(row)
+        self.rows += rows
         self.seen = torch.cat([self.seen, seen])
 
     def drop(self, keep: list[int]) -> None:
@@ -214,8 +221,11 @@ class Engine:
     def step(self) -> list[Answer]:
         """Admit waiting requests into free slots, decode one token for every row; return
         the answers that finished during this step."""
-        while self.waiting and self.active < self.max_batch:
-            self._prefill(self._same_prompt(self.waiting.popleft(), self.max_batch - self.active))
+        admitted = []
+        while self.waiting and self.active + len(admitted) < self.max_batch:
+            admitted.append(self.waiting.popleft())
+        if admitted:
+            self._admit(admitted)
         for lane in self.lanes.values():
             if lane.rows:
                 self._decode(lane)
@@ -237,45 +247,70 @@ class Engine:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
 
-    def _same_prompt(self, first: Request, room: int) -> list[Request]:
-        """``first`` and up to ``room - 1`` waiting requests with its variant and prompt."""
-        group = [first]
-        for req in list(self.waiting):
-            if len(group) >= room:
-                break
-            if req.variant == first.variant and req.prompt_ids == first.prompt_ids:
-                self.waiting.remove(req)
-                group.append(req)
-        return group
+    def _admit(self, reqs: list[Request]) -> None:
+        """Prefill ``reqs``: one row per distinct (variant, prompt), in length-sorted chunks."""
+        by_variant: dict[str, dict[tuple, list[Request]]] = {}
+        for r in reqs:
+            by_variant.setdefault(r.variant, {}).setdefault(tuple(r.prompt_ids), []).append(r)
+        for name, by_prompt in by_variant.items():
+            groups = sorted(by_prompt.values(), key=lambda g: len(g[0].prompt_ids))
+            if self.variants[name].virtual_tokens:
+                chunks = [[g] for g in groups]
+            else:
+                chunks = [[]]
+                for g in groups:  # ascending lengths: the chunk's width is its last prompt's length
+                    if chunks[-1] and (len(chunks[-1]) + 1) * len(g[0].prompt_ids) > PREFILL_TOKENS:
+                        chunks.append([])
+                    chunks[-1].append(g)
+            for chunk in chunks:
+                self._prefill(name, chunk)
 
     @torch.no_grad()
-    def _prefill(self, reqs: list[Request]) -> None:
-        """One forward over the prompt that every request in ``reqs`` shares."""
-        variant = self.variants[reqs[0].variant]
-        ids = torch.tensor([reqs[0].prompt_ids], device=self.device)  # (1, T)
+    def _prefill(self, name: str, groups: list[list[Request]]) -> None:
+        """One forward over the prompts of ``groups`` (the requests of a group share a prompt)."""
+        variant = self.variants[name]
+        prompts = [g[0].prompt_ids for g in groups]
+        width = max(map(len, prompts))
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=self.device)  # (P, T)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        extra = {}
+        if len(prompts) > 1:  # left padding: number the real tokens from 0, as alone
+            extra["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
         with variant.context(), self._autocast():
             variant.model.eval()
-            out = variant.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1)
+            out = variant.model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1, **extra)
         cache = out.past_key_values
-        length = cache.get_seq_length()
-        logits = out.logits[:, -1, :]  # (1, V)
-        for req in reqs:  # lanes copy the cache when a row joins: the rows never share storage
-            budget = min(req.max_new_tokens, self.context_size - length) if self.context_size else req.max_new_tokens
-            gen = None
-            if not req.sampling.greedy:
-                gen = torch.Generator(device=self.device)
-                gen.manual_seed(req.sampling.seed if req.sampling.seed is not None else
-                                int(torch.randint(0, 2**62, (1,))))
-            row = _Row(req, TextTracker(self.tokenizer, req.stop, req.on_text), gen, length, -1, budget,
-                       time.perf_counter())
-            seen = torch.zeros(logits.shape, dtype=torch.bool, device=self.device)
-            token = self._choose(logits, [row], seen)[0]
-            if budget < 1:  # check_length counts virtual tokens; this is a last guard
-                row.done = "length"
-            if row.done or self._accept(row, token, seen[0]):
-                self._finish(row)
-                continue
-            self.lanes[self.lane_of[req.variant]].add(row, cache, seen)
+        virtual = cache.get_seq_length() - width  # positions prompt or prefix tuning put in front
+        if virtual and len(groups) > 1:  # a variant that did not declare its virtual tokens: one by one
+            for g in groups:
+                self._prefill(name, [g])
+            return
+        logits = out.logits[:, -1, :]  # (P, V)
+        joining, index, seen_rows = [], [], []
+        for i, group in enumerate(groups):
+            length = len(prompts[i]) + virtual
+            for req in group:
+                budget = min(req.max_new_tokens, self.context_size - length) if self.context_size else req.max_new_tokens
+                gen = None
+                if not req.sampling.greedy:
+                    gen = torch.Generator(device=self.device)
+                    gen.manual_seed(req.sampling.seed if req.sampling.seed is not None else
+                                    int(torch.randint(0, 2**62, (1,))))
+                row = _Row(req, TextTracker(self.tokenizer, req.stop, req.on_text), gen, length, -1, budget,
+                           time.perf_counter())
+                seen = torch.zeros((1, logits.shape[-1]), dtype=torch.bool, device=self.device)
+                token = self._choose(logits[i:i + 1], [row], seen)[0]
+                if budget < 1:  # check_length counts virtual tokens; this is a last guard
+                    row.done = "length"
+                if row.done or self._accept(row, token, seen[0]):
+                    self._finish(row)
+                    continue
+                joining.append(row)
+                index.append(i)
+                seen_rows.append(seen)
+        if joining:  # the lane copies these rows into its own cache: requests never share storage
+            rows = kv.rows(cache, torch.tensor(index, device=self.device))
+            self.lanes[self.lane_of[name]].add(joining, rows, torch.cat(seen_rows))
 
     @torch.no_grad()
     def _decode(self, lane: _Lane) -> None:

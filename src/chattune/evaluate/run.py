@@ -29,7 +29,7 @@ HEADLINE = "sampled"
 def evaluate_run(run, split: str = "test", *, prompts: str | None = None, fmt: str = "auto", turns: str = "first",
                  reference_model: str | None = None, num_prompts: int | None = None, max_samples: int | None = None,
                  max_new_tokens: int | None = None, include_base: bool = True,
-                 decodings: tuple[str, ...] = ("sampled", "greedy"), seed: int = 0, max_batch: int = 16,
+                 decodings: tuple[str, ...] = ("sampled", "greedy"), seed: int = 0, max_batch: int = 32,
                  judge=None) -> dict:
     """Evaluate a loaded run (``generate.LoadedRun``) on its held-out ``split`` or on ``prompts``.
 
