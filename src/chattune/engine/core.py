@@ -15,7 +15,7 @@ How a row is decoded:
   tokens or key/value prefix), exactly as in training. Its cache then holds ``n``
   positions, virtual ones included. The prompts admitted in one step go through together,
   left-padded, in forwards of up to ``PREFILL_TOKENS`` padded tokens (sorted by length,
-  so little is padding); a prompt matrix of many rows runs the weight matmuls several
+  at most half of a forward padding); a prompt matrix of many rows runs the weight matmuls several
   times faster per token than one short prompt at a time. Prompt and prefix tuning
   prefill one prompt at a time (their virtual tokens sit in front of the padding).
 - Decode: the rows of one variant share a cache, left-padded to a common length ``L``.
@@ -257,11 +257,15 @@ class Engine:
             if self.variants[name].virtual_tokens:
                 chunks = [[g] for g in groups]
             else:
-                chunks = [[]]
+                chunks, real = [[]], 0
                 for g in groups:  # ascending lengths: the chunk's width is its last prompt's length
-                    if chunks[-1] and (len(chunks[-1]) + 1) * len(g[0].prompt_ids) > PREFILL_TOKENS:
+                    n = len(g[0].prompt_ids)
+                    padded = (len(chunks[-1]) + 1) * n
+                    if chunks[-1] and (padded > PREFILL_TOKENS or real + n < padded / 2):  # at most half padding
                         chunks.append([])
+                        real = 0
                     chunks[-1].append(g)
+                    real += n
             for chunk in chunks:
                 self._prefill(name, chunk)
 
