@@ -117,6 +117,28 @@ def test_lora_tuned_and_base_rows_share_one_forward_per_step(tokenizer, prompts)
     assert len(calls) - len(decode) == 2  # one prefill per (variant, prompt)
 
 
+def test_prompts_admitted_together_prefill_together_at_most_half_padding(tokenizer, prompts):
+    _, model, _ = tuned("lora", "llama", tokenizer)
+    calls = []
+    hook = model.get_base_model().register_forward_pre_hook(
+        lambda mod, args, kw: calls.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+    base = prompts[5]  # 30 tokens
+    try:
+        engine = Engine({"tuned": Variant(model)}, tokenizer, eos_id=-1, max_batch=8)
+        together = engine.run([Request(p, max_new_tokens=3, sampling=GREEDY) for p in prompts[:4]])
+        first = [c for c in calls if c[1] > 1]
+        calls.clear()
+        # three 5-token prompts and a 30-token one: one forward would be mostly padding
+        engine.run([Request(p, max_new_tokens=3, sampling=GREEDY) for p in (base[:5], base[1:6], base[2:7], base)])
+        second = [c for c in calls if c[1] > 1]
+    finally:
+        hook.remove()
+    assert first == [(4, 20)]  # prompts of 5, 10, 15 and 20 tokens, left-padded to 20
+    assert sorted(second) == [(1, 30), (3, 5)]
+    for p, a in zip(prompts[:4], together):
+        assert a.token_ids == greedy_reference(model, p, 3)
+
+
 def test_continuous_batching_refills_free_slots(tokenizer, prompts):
     _, model, _ = tuned("lora", "llama", tokenizer)
     engine = Engine({"tuned": Variant(model)}, tokenizer, eos_id=-1, max_batch=2)
