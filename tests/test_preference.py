@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from chattune import attention
 from chattune.cli import main
@@ -209,3 +210,34 @@ def test_two_processes_equal_one_with_double_accumulation(tiny_dirs, tmp_path):
     a, b = [m for m in metrics(one) if "loss" in m], [m for m in metrics(two) if "loss" in m]
     for key in ("loss", "reward_accuracy", "reward_margin", "logp_chosen", "length_rejected"):
         assert [m[key] for m in a] == pytest.approx([m[key] for m in b], rel=1e-4, abs=1e-6), key
+
+
+def test_sigterm_during_the_reference_pass_stops_it_and_resume_recomputes_it(tiny_dirs, tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
+    import chattune.objectives as objectives
+
+    common = ["--objective", "dpo", "--max-steps", "3", "--lr", "3e-3", "--batch-size", "1", "--no-packing"]
+    straight = tmp_path / "straight"
+    assert main(pref_args(tiny_dirs["gpt2"], straight, *common)) == 0
+    real, calls = objectives.pair_logps, []
+
+    def signalled(*a, **kw):  # the reference pass is the first caller: a SIGTERM arrives during it
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(objectives, "pair_logps", signalled)
+    run = tmp_path / "run"
+    assert main(pref_args(tiny_dirs["gpt2"], run, *common)) == 143
+    assert len(calls) == 1  # stopped at the next batch, not after the whole pass
+    assert "interrupted at step 0; continue with: chattune train --resume" in capsys.readouterr().err
+    assert not (run / "reference_logps.safetensors").exists()
+    monkeypatch.setattr(objectives, "pair_logps", real)
+    assert main(["train", "--resume", str(run)]) == 0
+    a, b = load_file(straight / "reference_logps.safetensors"), load_file(run / "reference_logps.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [m["loss"] for m in metrics(run) if "loss" in m] == \
+        pytest.approx([m["loss"] for m in metrics(straight) if "loss" in m], rel=1e-5)

@@ -21,11 +21,13 @@ import hashlib
 import json
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from chattune import runguard
 from chattune.data import batch_plan
 
 FILE = "reference_logps.safetensors"
@@ -56,9 +58,11 @@ def load_reference(run_dir: Path, key: str | None = None) -> dict[str, torch.Ten
 
 @torch.no_grad()
 def reference_logps(model, objective, samples: list[dict], pad_id: int, batch_size: int, device, dtype=None,
-                    packing: bool = False, flat: bool = False, max_length: int = 1024) -> torch.Tensor:
+                    packing: bool = False, flat: bool = False, max_length: int = 1024,
+                    check: Callable[[], None] | None = None) -> torch.Tensor:
     """Summed (chosen, rejected) answer log-probs (n, 2) of ``samples`` under ``model``, in the
-    batch layout training uses (packed where the method packs)."""
+    batch layout training uses (packed where the method packs). ``check()`` runs before each
+    batch (training passes its interrupt check: the pass can take many minutes)."""
     from chattune.objectives import pair_logps
 
     model.eval()
@@ -66,6 +70,8 @@ def reference_logps(model, objective, samples: list[dict], pad_id: int, batch_si
     lengths = [len(s["input_ids"]) for s in samples]
     plan = batch_plan(lengths, batch_size, packing=packing, max_length=2 * max_length, seed=0, epoch=0, shuffle=False)
     for mb in plan:
+        if check is not None:
+            check()
         batch = objective.collate([samples[i] for i in mb], pad_id, packing=packing, bins=mb.bins,
                                   mask_dtype=dtype or torch.float32, flat=flat)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -77,7 +83,9 @@ def reference_logps(model, objective, samples: list[dict], pad_id: int, batch_si
 
 def attach_reference(trainer) -> None:
     """Give every pair of the run its ``"ref"`` log-probs: read from the run directory, or
-    computed now with the (not yet trained) model and stored there."""
+    computed now with the (not yet trained) model and stored there. A first SIGINT/SIGTERM
+    during the pass stops it at the next batch with a checkpoint of step 0 (the starting
+    policy), so ``--resume`` computes the reference again from the same weights."""
     data, cfg = trainer.data.splits, trainer.cfg
     # SimPO and ORPO train without a reference; eval still ranks held-out pairs by it
     names = [n for n in ("train", "validation", "test") if data[n]
@@ -89,7 +97,8 @@ def attach_reference(trainer) -> None:
         model = trainer.acc.unwrap_model(trainer.model)
         stored = {n: reference_logps(model, trainer.objective, data[n], trainer.tokenizer.pad_token_id,
                                      cfg.train.batch_size, trainer.acc.device, trainer.dtype, trainer.packing,
-                                     trainer.flat, cfg.data.max_length) for n in names}
+                                     trainer.flat, cfg.data.max_length,
+                                     check=lambda: runguard.stop_if_interrupted(trainer)) for n in names}
         if trainer.acc.is_main_process:
             tmp = trainer.run_dir / f".{FILE}.tmp"
             save_file({n: t.contiguous() for n, t in stored.items()}, tmp, metadata={"key": key})
