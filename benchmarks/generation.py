@@ -155,6 +155,7 @@ def bf16_check(name: str, n_req: int, max_new: int, c: int = 16) -> dict:
 def lanes_check(name: str, n_req: int, max_new: int, c: int = 16) -> dict:
     """eval's workload: a LoRA run's tuned and base answers to the same prompts, tuned and
     base rows in one forward per step (the method's route) against one forward per variant."""
+    from chattune.generate import method_variants
     from chattune.methods import get_method
 
     m = get_method("lora")
@@ -168,9 +169,7 @@ def lanes_check(name: str, n_req: int, max_new: int, c: int = 16) -> dict:
     prompts = prompts_for(tok, n_req // 2)
     reqs = lambda: [Request(p, max_new_tokens=max_new, sampling=GREEDY, variant=v)  # noqa: E731
                     for p in prompts for v in ("tuned", "base")]
-    route = lambda names: m.route(model, ["default" if v == "tuned" else None for v in names])  # noqa: E731
-    shared = {"tuned": Variant(model, lane="run", route=route),
-              "base": Variant(model, lambda: m.disable(model), lane="run", route=route)}
+    shared = method_variants(m, model)  # as eval builds them
     apart = {"tuned": Variant(model), "base": Variant(model, lambda: m.disable(model))}
     res = {}
     for label, variants in (("one_forward", shared), ("forward_per_variant", apart)):

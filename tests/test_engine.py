@@ -12,6 +12,7 @@ from chattune.data import DataConfig, prepare
 from chattune.engine import GREEDY, Engine, Request, SamplingParams, Variant
 from chattune.engine.sampling import penalise
 from chattune.engine.text import TextTracker
+from chattune.generate import method_variants
 from chattune.methods import get_method
 from tiny import make_model, make_tokenizer
 
@@ -59,16 +60,11 @@ def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
 
 def variants_of(m, model, base) -> dict[str, Variant]:
     """tuned and base as ``LoadedRun.variants`` builds them: one lane where the method routes rows."""
-    lane = route = None
-    if m.route is not None:
-        lane = "run"
-        route = lambda names: m.route(model, [model.active_adapter if n == "tuned" else None for n in names])  # noqa: E731
     if m.disable is None:
         return {"tuned": Variant(model), "base": Variant(base)}
     virtual = getattr(model, "active_peft_config", None)
     virtual = virtual.num_virtual_tokens if virtual is not None and virtual.is_prompt_learning else 0
-    return {"tuned": Variant(model, lane=lane, route=route, virtual_tokens=virtual),
-            "base": Variant(model, lambda: m.disable(model), lane=lane, route=route)}
+    return method_variants(m, model, virtual)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -50,18 +50,9 @@ class LoadedRun:
 
     def variants(self, base: bool = True) -> dict[str, Variant]:
         """The engine's variants: ``tuned``, and ``base`` (the method switched off) if asked."""
-        lane = route = None
-        if base and self.method.route is not None:  # tuned and base rows decode in one forward
-            adapter = self.model.active_adapter
-            lane = "run"
-            route = lambda names: self.method.route(self.model, [adapter if n == "tuned" else None for n in names])  # noqa: E731
-        out = {"tuned": Variant(self.model, virtual_tokens=self.virtual_tokens, lane=lane, route=route)}
-        if base:
-            if self.method.disable is not None:
-                out["base"] = Variant(self.model, lambda: self.method.disable(self.model), lane=lane, route=route)
-            else:
-                out["base"] = Variant(self._fresh_base())
-        return out
+        if base and self.method.disable is None:
+            return {"tuned": Variant(self.model, virtual_tokens=self.virtual_tokens), "base": Variant(self._fresh_base())}
+        return method_variants(self.method, self.model, self.virtual_tokens, base=base)
 
     def engine(self, *, base: bool = True, max_batch: int = 16, dtype: torch.dtype | None = None) -> Engine:
         # a chat template's end-of-turn token (<|im_end|>) also ends an answer: Request.end_ids
@@ -77,6 +68,20 @@ class LoadedRun:
         end_ids, stop_ids = self._turn_ids
         return Request(render_prompt_ids(conversation, self.tokenizer, template), max_new_tokens, sampling, variant,
                        stop_strings(template, self.tokenizer) + list(stop or []), on_text, tag, end_ids, stop_ids)
+
+
+def method_variants(method, model, virtual_tokens: int = 0, *, base: bool = True) -> dict[str, Variant]:
+    """``tuned`` (the method on) and, if asked, ``base`` (the method switched off) on one
+    model; where the method routes rows (LoRA), both share a lane: one forward per step."""
+    lane = route = None
+    if base and method.route is not None:
+        adapter = model.active_adapter
+        lane = "run"
+        route = lambda names: method.route(model, [adapter if n == "tuned" else None for n in names])  # noqa: E731
+    out = {"tuned": Variant(model, virtual_tokens=virtual_tokens, lane=lane, route=route)}
+    if base:
+        out["base"] = Variant(model, lambda: method.disable(model), lane=lane, route=route)
+    return out
 
 
 @contextlib.contextmanager

@@ -313,7 +313,8 @@ class Engine:
                 index.append(i)
                 seen_rows.append(seen)
         if joining:  # the lane copies these rows into its own cache: requests never share storage
-            rows = kv.rows(cache, torch.tensor(index, device=self.device))
+            same = index == list(range(len(groups)))  # one row per prompt, none finished: take the cache as is
+            rows = cache if same else kv.rows(cache, torch.tensor(index, device=self.device))
             self.lanes[self.lane_of[name]].add(joining, rows, torch.cat(seen_rows))
 
     @torch.no_grad()

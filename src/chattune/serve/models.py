@@ -137,12 +137,13 @@ def _served_shared(paths: dict[str, Path], cfgs: dict[str, RunConfig]) -> Served
         if get_method(method).inference is not None:
             get_method(method).inference(models[name])
     switch.collect()
-    routed = {name for name in cfgs if get_method(cfgs[name].method.name).route is not None}
+    routes = {name: get_method(cfgs[name].method.name).route for name in cfgs}
+    routed = {name for name, r in routes.items() if r is not None}
     lane = route = None
     if routed:  # the LoRA runs and base: one forward per step
-        lora = wrappers["LORA"]
+        lora, method_route = wrappers["LORA"], routes[next(iter(routed))]
         lane = "lora"
-        route = lambda names: switch.mixed(lora, [ids.get(n) for n in names])  # noqa: E731  (base: None)
+        route = lambda names: switch.mixed(lora, [ids.get(n) for n in names], method_route)  # noqa: E731  (base: None)
     runs, variants = {}, {}
     for name, path in paths.items():  # command-line order
         cfg = cfgs[name]
@@ -195,8 +196,9 @@ class _Switch:
         yield
 
     @contextlib.contextmanager
-    def mixed(self, lora: PeftModel, adapters: list[str | None]):
-        """Only the LoRA layers on, row i through adapter ``adapters[i]`` (None: the base)."""
+    def mixed(self, lora: PeftModel, adapters: list[str | None], route):
+        """Only the LoRA layers on, row i through adapter ``adapters[i]`` (None: the base),
+        under the method's ``route``."""
         if self.current != ("mixed",):
             for layer in self.tuner_layers:
                 on = isinstance(layer, LoraLayer)
@@ -206,7 +208,7 @@ class _Switch:
             for _, wrapper in bottleneck._wrappers(self.raw):
                 wrapper.disabled = True
             self.current = ("mixed",)
-        with get_method("lora").route(lora, adapters):
+        with route(lora, adapters):
             yield
 
 
