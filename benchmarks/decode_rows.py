@@ -5,10 +5,11 @@
 
 For each row count B, B requests (first user turns of the shared arena conversations,
 seed template, greedy) are prefilled into one engine, a few steps warm up, then 10 decode
-steps are timed, and so is the output projection alone (``F.linear`` of B hidden states by
-the vocabulary matrix). Prints ms per step and tokens/s per row count, and as the last
-line one JSON object with the same numbers and ``tokens_per_s_vs_1`` (each row count over
-one row).
+steps are timed, and so is the output projection alone (B hidden states by the vocabulary
+matrix), both as ``F.linear`` and as the engine runs it (oneDNN's packed linear,
+``chattune/engine/head.py``). Prints ms per step and tokens/s per row count, and as the
+last line one JSON object with the same numbers and ``tokens_per_s_vs_1`` (each row count
+over one row).
 """
 
 from __future__ import annotations
@@ -24,6 +25,16 @@ import generation  # noqa: E402
 import torch  # noqa: E402
 
 from chattune.engine import GREEDY, Engine, Request, Variant  # noqa: E402
+from chattune.engine.head import packed_head  # noqa: E402
+
+
+def _ms(f, n: int = 10) -> float:
+    for _ in range(3):
+        f()
+    start = time.perf_counter()
+    for _ in range(n):
+        f()
+    return round((time.perf_counter() - start) * 1000 / n, 1)
 
 
 def main() -> None:
@@ -36,7 +47,8 @@ def main() -> None:
     model, tok = generation.load(args.model)
     rows = [int(r) for r in args.rows.split(",")]
     prompts = generation.prompts_for(tok, max(rows))
-    out = {"model": args.model, "steps": args.steps, "ms_per_step": {}, "tokens_per_s": {}, "output_projection_ms": {}}
+    out = {"model": args.model, "steps": args.steps, "ms_per_step": {}, "tokens_per_s": {}, "output_projection_ms": {},
+           "packed_projection_ms": {}}
     head = model.get_output_embeddings().weight
     for b in rows:
         engine = Engine({"tuned": Variant(model)}, tok, tok.eos_token_id, max_batch=b)
@@ -49,16 +61,13 @@ def main() -> None:
             engine.step()
         step = (time.perf_counter() - start) / args.steps
         out["ms_per_step"][b], out["tokens_per_s"][b] = round(step * 1000, 1), round(engine.active / step, 1)
-        x = torch.randn(b, head.shape[1])
+        x = torch.randn(b, 1, head.shape[1])
         with torch.no_grad():
-            for _ in range(3):
-                torch.nn.functional.linear(x, head)
-            start = time.perf_counter()
-            for _ in range(10):
-                torch.nn.functional.linear(x, head)
-        out["output_projection_ms"][b] = round((time.perf_counter() - start) * 100, 1)
-        print(f"{b:3d} rows: {step * 1000:6.1f} ms a step ({out['output_projection_ms'][b]} ms of it the output "
-              f"projection), {engine.active / step:6.1f} tokens/s", flush=True)
+            out["output_projection_ms"][b] = _ms(lambda: torch.nn.functional.linear(x, head))
+            with packed_head(model):
+                out["packed_projection_ms"][b] = _ms(lambda: model.get_output_embeddings()(x))
+        print(f"{b:3d} rows: {step * 1000:6.1f} ms a step, {engine.active / step:6.1f} tokens/s; output projection "
+              f"{out['output_projection_ms'][b]} ms as F.linear, {out['packed_projection_ms'][b]} ms packed", flush=True)
         if args.profile and b == 16:
             from torch.profiler import profile
 

@@ -2,8 +2,7 @@
 
 For each model (the built-in SmolLM2-135M, GPT-2 124M with random weights) and each number
 of concurrent sequences C in {1, 4, 16, 64}, the same N requests (first user turns of the
-shared arena conversations, seed template, greedy, EOS or ``--max-new-tokens``) are
-answered by:
+shared arena conversations, greedy, EOS or ``--max-new-tokens``) are answered by:
 - ``hf_single``: plain ``model.generate``, one request at a time (C = 1 only);
 - ``hf_batched``: ``model.generate`` on batches of C left-padded prompts; a batch ends
   when its longest answer ends;
@@ -18,8 +17,15 @@ the greedy answers compared, and eval's workload (a LoRA run's tuned and base an
 to the same prompts) with tuned and base rows in one forward per step (``Variant.route``)
 against a forward per variant.
 
-    .venv/bin/python benchmarks/generation.py --quick     # < 3 min: SmolLM2, C = 16, 128 tokens
-    .venv/bin/python benchmarks/generation.py             # both models, C = 1, 4, 16, 64, 256 tokens
+Two prompt formats (``--templates``), because the answers' lengths decide what continuous
+batching can win: ``auto``, the model's own chat template (how an instruct model is asked;
+SmolLM2's answers then end at their natural lengths, and a static batch waits for its
+longest), and ``seed``, the seed's ``### Human:`` format, which SmolLM2-Instruct rarely
+ends, so nearly every answer runs to the limit and both systems do the same steps. Each
+row reports the answers' median and maximum length and the share at the limit.
+
+    .venv/bin/python benchmarks/generation.py --quick     # < 3 min: SmolLM2, chat template, C = 16, 256 tokens
+    .venv/bin/python benchmarks/generation.py             # both models, both templates, C = 1, 4, 16, 64, 256 tokens
 
 The last line is one JSON object with ``vs_hf_batched_16`` and ``vs_hf_single``.
 """
@@ -40,12 +46,12 @@ import _data  # noqa: E402
 from chattune.engine import GREEDY, Engine, Request, Variant  # noqa: E402
 
 
-def prompts_for(tok, n: int, max_prompt: int = 256) -> list[list[int]]:
+def prompts_for(tok, n: int, max_prompt: int = 256, template: str = "seed") -> list[list[int]]:
     from chattune.data import render_prompt_ids
 
     out = []
     for p, _ in _data.first_pairs(_data.DATA):
-        ids = render_prompt_ids([{"role": "user", "content": p}], tok, "seed")
+        ids = render_prompt_ids([{"role": "user", "content": p}], tok, template)
         if len(ids) <= max_prompt:
             out.append(ids)
         if len(out) == n:
@@ -109,10 +115,10 @@ def rate(tokens: int, seconds: float) -> float:
 
 
 def model_table(name: str, concurrencies: list[int], n_req: int, max_new: int, try_batch_api: bool,
-                single: int) -> dict:
+                single: int, template: str = "seed") -> dict:
     model, tok = load(name)
-    prompts = prompts_for(tok, max(n_req, max(concurrencies)))
-    out = {"model": name, "requests": len(prompts), "max_new_tokens": max_new, "rows": []}
+    prompts = prompts_for(tok, max(n_req, max(concurrencies)), template=template)
+    out = {"model": name, "template": template, "requests": len(prompts), "max_new_tokens": max_new, "rows": []}
     engine_run({"tuned": Variant(model)}, tok, prompts[:2], 2, 4)  # warm-up
     t, s, _ = hf_batched(model, tok, prompts[:single], 1, max_new)
     out["hf_single"] = rate(t, s)
@@ -131,11 +137,20 @@ def model_table(name: str, concurrencies: list[int], n_req: int, max_new: int, t
                 row["hf_generate_batch"] = rate(t, s)
             except Exception as e:  # report, do not hide: it is a comparison point that may not run
                 row["hf_generate_batch"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
+        row["answer_lengths"] = _spread([len(a) for a in ours], max_new)
         row["vs_hf_batched"] = round(row["chattune"] / row["hf_batched"], 2)
         row["vs_hf_single"] = round(row["chattune"] / out["hf_single"], 2)
         print(f"[{name}] {json.dumps(row)}", flush=True)
         out["rows"].append(row)
     return out
+
+
+def _spread(lengths: list[int], limit: int) -> dict:
+    """How much a static batch waits for its longest answer: the lengths' median, max and
+    the share that ran to the token limit."""
+    lengths = sorted(lengths)
+    return {"median": lengths[len(lengths) // 2], "max": lengths[-1],
+            "at_limit": round(sum(n >= limit for n in lengths) / len(lengths), 2)}
 
 
 def bf16_check(name: str, n_req: int, max_new: int, c: int = 16) -> dict:
@@ -222,29 +237,37 @@ def methods_single(name: str, max_new: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="SmolLM2 only, 16 sequences, 128 tokens")
+    ap.add_argument("--quick", action="store_true", help="SmolLM2 only, its chat template, 16 sequences, 256 tokens")
     ap.add_argument("--models", default="smollm2-135m,gpt2")
     ap.add_argument("--concurrency", default="1,4,16,64")
     ap.add_argument("--requests", type=int, default=64, help="requests per concurrency level (at least C)")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--templates", default=None,
+                    help="prompt templates, comma-separated (default: auto,seed; --quick: auto). auto is the "
+                         "model's own chat template (answers end at their natural length), seed the seed's "
+                         "'### Human:' format (an instruct model rarely ends those: answers run to the limit)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     models = ["smollm2-135m"] if args.quick else args.models.split(",")
     conc = [16] if args.quick else [int(c) for c in args.concurrency.split(",")]
     n_req = 32 if args.quick else args.requests
-    max_new = 128 if args.quick else args.max_new_tokens
+    max_new = 256 if args.quick else args.max_new_tokens
+    templates = (args.templates or ("auto" if args.quick else "auto,seed")).split(",")
     result = {"threads": torch.get_num_threads(), "models": {}}
     for name in models:
-        table = model_table(name, conc, n_req, max_new, try_batch_api=not args.quick, single=4 if args.quick else 8)
+        for template in templates:
+            table = model_table(name, conc, n_req, max_new, try_batch_api=not args.quick,
+                                single=4 if args.quick else 8, template=template)
+            result["models"][f"{name}/{template}"] = table
         if not args.quick:
             table["bf16"] = bf16_check(name, n_req, max_new)
             table["tuned_and_base"] = lanes_check(name, n_req, max_new)
             table["methods_single"] = methods_single(name, max_new)
-        result["models"][name] = table
-    head = result["models"][models[0]]
+    head = result["models"][f"{models[0]}/{templates[0]}"]
     at16 = next(r for r in head["rows"] if r["concurrent"] == 16)
+    result["headline"] = f"{models[0]}/{templates[0]}"
     result["vs_hf_batched_16"] = at16["vs_hf_batched"]
     result["vs_hf_single"] = at16["vs_hf_single"]
     print(json.dumps(result))

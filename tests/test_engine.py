@@ -234,3 +234,24 @@ def test_prompt_longer_than_the_context_is_refused(tokenizer):
     engine = Engine({"tuned": Variant(model, virtual_tokens=20)}, tokenizer, eos_id=-1)
     with pytest.raises(PromptTooLong, match="512"):
         engine.add(Request([5] * 500))
+
+
+def test_packed_head_gives_the_linear_logits_and_follows_weight_changes(tokenizer):
+    from chattune.engine.head import packed_head
+
+    model = make_model("llama", len(tokenizer)).eval()
+    head = model.get_output_embeddings()
+    ids = torch.tensor([[5, 9, 2, 7]])
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        with packed_head(model):
+            assert "forward" in head.__dict__  # the swap happened: the packed kernel ran
+            got = model(input_ids=ids).logits
+        assert "forward" not in head.__dict__  # restored
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        head.weight.mul_(2)  # trained in place between two evaluations: packed again
+        with packed_head(model):
+            got = model(input_ids=ids).logits
+        torch.testing.assert_close(got, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    with packed_head(model):  # gradients on (training): the plain head, untouched
+        assert "forward" not in head.__dict__

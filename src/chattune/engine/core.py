@@ -44,6 +44,7 @@ from typing import Callable, ContextManager
 import torch
 
 from chattune.engine import cache as kv
+from chattune.engine.head import packed_head
 from chattune.engine.sampling import DEFAULTS, SamplingParams, choose, penalise
 from chattune.engine.text import TextTracker
 from chattune.errors import UserError
@@ -280,7 +281,7 @@ class Engine:
         extra = {}
         if len(prompts) > 1:  # left padding: number the real tokens from 0, as alone
             extra["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
-        with variant.context(), self._autocast():
+        with variant.context(), self._autocast(), packed_head(variant.inner):
             variant.model.eval()
             out = variant.model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1, **extra)
         cache = out.past_key_values
@@ -330,7 +331,7 @@ class Engine:
         mask = None
         if bool((pad > 0).any()):
             mask = (torch.arange(width + 1, device=self.device)[None, :] >= pad[:, None]).long()  # (B, L+1)
-        with context(), self._autocast():
+        with context(), self._autocast(), packed_head(variant.inner):
             out = variant.inner(input_ids=ids, position_ids=lengths[:, None], attention_mask=mask,
                                 past_key_values=lane.cache, use_cache=True)
         tokens = self._choose(out.logits[:, -1, :], lane.rows, lane.seen)
