@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/decode_rows.py            # SmolLM2-135M, 1/4/16/32/64 rows (about 1 min)
     .venv/bin/python benchmarks/decode_rows.py --profile  # also torch.profiler over 20 steps at 16 rows
+    .venv/bin/python benchmarks/decode_rows.py --ragged   # also: one long prompt among 31 short ones
 
 For each row count B, B requests (first user turns of the shared arena conversations,
 seed template, greedy) are prefilled into one engine, a few steps warm up, then 10 decode
@@ -10,6 +11,13 @@ matrix), both as ``F.linear`` and as the engine runs it (oneDNN's packed linear,
 ``chattune/engine/head.py``). Prints ms per step and tokens/s per row count, and as the
 last line one JSON object with the same numbers and ``tokens_per_s_vs_1`` (each row count
 over one row).
+
+``--ragged`` then times a batch of 32 rows where one prompt is long (256 to 2,048 tokens)
+and the others are the usual short ones, so the shared cache is mostly padding: decode
+steps with the padding masked (one sdpa per layer over every position) against attention
+row by row on each row's own positions (``chattune.attention.ragged_decode``), for the
+ratio ``masked_ms / ragged_ms`` per long length. The engine switches per step by
+``RAGGED_PADDING`` (mean padded positions per row).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import generation  # noqa: E402
 import torch  # noqa: E402
 
 from chattune.engine import GREEDY, Engine, Request, Variant  # noqa: E402
+from chattune.engine.core import RAGGED_PADDING as RAGGED_DEFAULT  # noqa: E402
 from chattune.engine.head import packed_head  # noqa: E402
 
 
@@ -37,12 +46,42 @@ def _ms(f, n: int = 10) -> float:
     return round((time.perf_counter() - start) * 1000 / n, 1)
 
 
+def ragged(model, tok, prompts: list[list[int]], steps: int, rows: int = 32) -> dict:
+    from chattune.engine import core
+
+    filler = [t for p in prompts for t in p]
+    res = {}
+    lengths = sorted(map(len, prompts[:rows]))
+    print(f"short prompts: {lengths[0]} to {lengths[-1]} tokens, median {lengths[len(lengths) // 2]}", flush=True)
+    for long in (0, 256, 512, 1024, 2048):  # 0: the short prompts alone
+        timing = {}
+        for label, threshold in (("masked", 10**9), ("ragged", 0)):
+            core.RAGGED_PADDING = threshold
+            engine = Engine({"tuned": Variant(model)}, tok, tok.eos_token_id, max_batch=rows)
+            reqs = ([(filler * (long // len(filler) + 1))[:long]] if long else []) + (prompts * rows)[:rows - (long > 0)]
+            for p in reqs:
+                engine.add(Request(p, max_new_tokens=steps + 100, sampling=GREEDY))
+            for _ in range(3):
+                engine.step()
+            start = time.perf_counter()
+            for _ in range(steps):
+                engine.step()
+            timing[label] = round((time.perf_counter() - start) * 1000 / steps, 1)
+        timing["masked_vs_ragged"] = round(timing["masked"] / timing["ragged"], 2)
+        res[long] = timing
+        print(f"one {long}-token prompt among {rows - 1} short: masked {timing['masked']} ms a step, "
+              f"row by row {timing['ragged']} ms ({timing['masked_vs_ragged']}x)", flush=True)
+    core.RAGGED_PADDING = RAGGED_DEFAULT
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--rows", default="1,4,16,32,64")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--profile", action="store_true", help="torch.profiler over 20 steps at 16 rows")
+    ap.add_argument("--ragged", action="store_true", help="one long prompt among 31 short: masked vs per-row attention")
     args = ap.parse_args()
     model, tok = generation.load(args.model)
     rows = [int(r) for r in args.rows.split(",")]
@@ -75,6 +114,8 @@ def main() -> None:
                 for _ in range(20):
                     engine.step()
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
+    if args.ragged:
+        out["ragged"] = ragged(model, tok, prompts, args.steps)
     one = out["tokens_per_s"].get(1)
     out["tokens_per_s_vs_1"] = {b: round(v / one, 2) for b, v in out["tokens_per_s"].items()} if one else None
     print(json.dumps(out))

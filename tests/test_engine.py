@@ -67,9 +67,18 @@ def variants_of(m, model, base) -> dict[str, Variant]:
     return method_variants(m, model, virtual)
 
 
+@pytest.mark.parametrize("ragged", [False, True], ids=["masked", "ragged"])
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("method", METHODS)
-def test_batched_greedy_equals_sequential_greedy(method, arch, tokenizer, prompts):
+def test_batched_greedy_equals_sequential_greedy(method, arch, ragged, tokenizer, prompts, monkeypatch):
+    """Also with every padded decode step attending row by row (attention.ragged_decode)."""
+    from chattune import attention
+    from chattune.engine import core
+
+    calls = []
+    per_row = attention._ragged_decode
+    monkeypatch.setattr(attention, "_ragged_decode", lambda *a: calls.append(1) or per_row(*a))
+    monkeypatch.setattr(core, "RAGGED_PADDING", 0 if ragged else 10**9)
     m, model, base = tuned(method, arch, tokenizer)
     engine = Engine(variants_of(m, model, base), tokenizer, eos_id=-1, max_batch=4)  # 4 slots: rows come and go
     lengths = [3, 9, 5, 12, 4, 7]
@@ -91,6 +100,7 @@ def test_batched_greedy_equals_sequential_greedy(method, arch, tokenizer, prompt
         assert a.finish_reason == "length"
     # the base rows really are the base model
     assert [a.token_ids for a in answers[6:]] == [greedy_reference(base, p, n) for p, n in zip(prompts, lengths)]
+    assert bool(calls) == ragged
 
 
 def test_lora_tuned_and_base_rows_share_one_forward_per_step(tokenizer, prompts):

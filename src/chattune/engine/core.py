@@ -20,7 +20,9 @@ How a row is decoded:
   prefill one prompt at a time (their virtual tokens sit in front of the padding).
 - Decode: the rows of one variant share a cache, left-padded to a common length ``L``.
   Each step feeds every row its last token at position ``n_i`` (its own cache length,
-  which counts virtual tokens the way training did) with a mask that hides the padding.
+  which counts virtual tokens the way training did) with a mask that hides the padding;
+  when padding dominates (one long prompt among short ones), attention instead runs row
+  by row on each row's own positions (``attention.ragged_decode``).
 - Continuous batching: a finished row leaves between steps (its cache rows are dropped
   and the common padding trimmed) and a waiting request is prefilled into the free slot.
 Rows that use different variants (tuned, base, another run) have a cache each and one
@@ -43,6 +45,7 @@ from typing import Callable, ContextManager
 
 import torch
 
+from chattune import attention
 from chattune.engine import cache as kv
 from chattune.engine.head import packed_head
 from chattune.engine.sampling import DEFAULTS, SamplingParams, choose, penalise
@@ -50,6 +53,9 @@ from chattune.engine.text import TextTracker
 from chattune.errors import UserError
 
 PREFILL_TOKENS = 2048  # padded prompt tokens per prefill forward
+# Mean padded cache positions per row above which a decode step attends row by row
+# (attention.ragged_decode) instead of one masked sdpa over the padding
+RAGGED_PADDING = 64
 
 
 @dataclass
@@ -328,12 +334,17 @@ class Engine:
         lengths = torch.tensor([r.length for r in lane.rows], device=self.device)
         ids = torch.tensor([[r.last] for r in lane.rows], device=self.device)  # (B, 1)
         pad = width - lengths  # (B,)
-        mask = None
-        if bool((pad > 0).any()):
-            mask = (torch.arange(width + 1, device=self.device)[None, :] >= pad[:, None]).long()  # (B, L+1)
-        with context(), self._autocast(), packed_head(variant.inner):
+        padded = int(pad.sum())
+        mask, extra = None, {}
+        ragged = padded > RAGGED_PADDING * len(names)  # on average more padding per row than it pays to skip
+        with context(), self._autocast(), packed_head(variant.inner), \
+                (attention.ragged_decode(variant.inner) if ragged else contextlib.nullcontext(False)) as ragged:
+            if ragged:
+                extra["kv_starts"] = pad.tolist()
+            elif padded:
+                mask = (torch.arange(width + 1, device=self.device)[None, :] >= pad[:, None]).long()  # (B, L+1)
             out = variant.inner(input_ids=ids, position_ids=lengths[:, None], attention_mask=mask,
-                                past_key_values=lane.cache, use_cache=True)
+                                past_key_values=lane.cache, use_cache=True, **extra)
         tokens = self._choose(out.logits[:, -1, :], lane.rows, lane.seen)
         keep = []
         for i, (row, token) in enumerate(zip(lane.rows, tokens)):
