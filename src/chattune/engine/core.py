@@ -54,8 +54,10 @@ from chattune.errors import UserError
 
 PREFILL_TOKENS = 2048  # padded prompt tokens per prefill forward
 # Mean padded cache positions per row above which a decode step attends row by row
-# (attention.ragged_decode) instead of one masked sdpa over the padding
-RAGGED_PADDING = 64
+# (attention.ragged_decode) instead of one masked sdpa over the padding. At 32 rows
+# (benchmarks/decode_rows.py --ragged) row by row ran 0.94x at ~230 padded positions
+# a row (the loop's overhead) and 1.34x-1.5x at ~475 and more.
+RAGGED_PADDING = 320
 
 
 @dataclass
