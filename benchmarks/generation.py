@@ -24,7 +24,7 @@ longest), and ``seed``, the seed's ``### Human:`` format, which SmolLM2-Instruct
 ends, so nearly every answer runs to the limit and both systems do the same steps. Each
 row reports the answers' median and maximum length and the share at the limit.
 
-    .venv/bin/python benchmarks/generation.py --quick     # < 3 min: SmolLM2, chat template, C = 16, 256 tokens
+    .venv/bin/python benchmarks/generation.py --quick     # < 3 min: SmolLM2, chat template, C = 16, 128 tokens
     .venv/bin/python benchmarks/generation.py             # both models, both templates, C = 1, 4, 16, 64, 256 tokens
 
 The last line is one JSON object with ``vs_hf_batched_16`` and ``vs_hf_single``.
@@ -237,11 +237,11 @@ def methods_single(name: str, max_new: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="SmolLM2 only, its chat template, 16 sequences, 256 tokens")
+    ap.add_argument("--quick", action="store_true", help="SmolLM2 only, its chat template, 16 sequences, 128 tokens")
     ap.add_argument("--models", default="smollm2-135m,gpt2")
     ap.add_argument("--concurrency", default="1,4,16,64")
     ap.add_argument("--requests", type=int, default=64, help="requests per concurrency level (at least C)")
-    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="default 256 (--quick: 128)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--templates", default=None,
                     help="prompt templates, comma-separated (default: auto,seed; --quick: auto). auto is the "
@@ -253,7 +253,7 @@ def main() -> None:
     models = ["smollm2-135m"] if args.quick else args.models.split(",")
     conc = [16] if args.quick else [int(c) for c in args.concurrency.split(",")]
     n_req = 32 if args.quick else args.requests
-    max_new = 256 if args.quick else args.max_new_tokens
+    max_new = args.max_new_tokens or (128 if args.quick else 256)
     templates = (args.templates or ("auto" if args.quick else "auto,seed")).split(",")
     result = {"threads": torch.get_num_threads(), "models": {}}
     for name in models:

@@ -60,7 +60,7 @@ def test_show_with_tokenizer_marks_tokens(tiny_tokenizer, tmp_path, capsys):
     tiny_tokenizer.save_pretrained(tmp_path / "tok")
     text = run(["--tokenizer", str(tmp_path / "tok"), "--show", "1", "--template", "chat"], capsys)
     assert "tokenizer" in text and "<|im_end|>\n⟧" in text and "<|im_start|>assistant\n⟦" in text
-    out = run_json(["--tokenizer", str(tmp_path / "tok"), "--show", "2"], capsys)
+    out = run_json(["--tokenizer", str(tmp_path / "tok"), "--show", "2", "--template", "seed"], capsys)
     assert len(out["shown"]) == 2 and all("<|endoftext|>⟧" in s["text"] for s in out["shown"])
 
 

@@ -32,7 +32,7 @@ def loss_text(tok, ids, labels):
 
 
 def test_seed_template_text_and_labels(tiny_tokenizer):
-    ids, labels = tokenize_conversation(CONV, tiny_tokenizer, DataConfig())
+    ids, labels = tokenize_conversation(CONV, tiny_tokenizer, DataConfig(template="seed"))
     assert decode(tiny_tokenizer, ids) == ("### Human:\nWhat is Python?\n\n### Assistant:\nA programming language."
                                            "<|endoftext|>### Human:\nWho made it?\n\n### Assistant:\n"
                                            "Guido van Rossum.<|endoftext|>")
@@ -44,8 +44,8 @@ def test_seed_template_text_and_labels(tiny_tokenizer):
 def test_eos_is_learned_when_pad_is_eos(tiny_tokenizer):
     eos = tiny_tokenizer.eos_token_id
     assert tiny_tokenizer.pad_token_id == eos  # the seed's situation
-    short = tokenize_conversation(CONV[:2], tiny_tokenizer, DataConfig())
-    long = tokenize_conversation(CONV, tiny_tokenizer, DataConfig())
+    short = tokenize_conversation(CONV[:2], tiny_tokenizer, DataConfig(template="seed"))
+    long = tokenize_conversation(CONV, tiny_tokenizer, DataConfig(template="seed"))
     batch = collate([dict(input_ids=i, labels=l) for i, l in (short, long)], eos, packing=False)
     # every answer keeps its EOS label; the padding (also eos ids) has none
     assert (batch["labels"] == eos).sum(dim=1).tolist() == [1, 2]
@@ -58,19 +58,19 @@ def test_train_on_prompt(tiny_tokenizer):
 
 
 def test_truncation_keeps_whole_turns(tiny_tokenizer):
-    full, _ = tokenize_conversation(CONV, tiny_tokenizer, DataConfig())
-    first, _ = tokenize_conversation(CONV[:2], tiny_tokenizer, DataConfig())
-    ids, labels = tokenize_conversation(CONV, tiny_tokenizer, DataConfig(max_length=len(full) - 1))
+    full, _ = tokenize_conversation(CONV, tiny_tokenizer, DataConfig(template="seed"))
+    first, _ = tokenize_conversation(CONV[:2], tiny_tokenizer, DataConfig(template="seed"))
+    ids, labels = tokenize_conversation(CONV, tiny_tokenizer, DataConfig(template="seed", max_length=len(full) - 1))
     assert ids == first and ids[-1] == tiny_tokenizer.eos_token_id
 
 
 def test_truncation_cuts_only_a_too_long_first_answer(tiny_tokenizer):
     prompt = render_prompt_ids(CONV[:1], tiny_tokenizer, "seed")
-    ids, labels = tokenize_conversation(CONV, tiny_tokenizer, DataConfig(max_length=len(prompt) + 2))
+    ids, labels = tokenize_conversation(CONV, tiny_tokenizer, DataConfig(template="seed", max_length=len(prompt) + 2))
     assert len(ids) == len(prompt) + 2 and ids[:len(prompt)] == prompt
     assert labels[-2:] == ids[-2:] and tiny_tokenizer.eos_token_id not in ids
     for max_length in (len(prompt), len(prompt) - 3):
-        assert tokenize_conversation(CONV, tiny_tokenizer, DataConfig(max_length=max_length)) is None
+        assert tokenize_conversation(CONV, tiny_tokenizer, DataConfig(template="seed", max_length=max_length)) is None
 
 
 def test_prepare_counts_samples_without_loss_tokens(tiny_tokenizer):
@@ -103,7 +103,7 @@ def injected(fixtures):
 def test_seed_markers_in_text_cannot_fake_a_turn(fixtures, tiny_tokenizer):
     conv = injected(fixtures)
     assert "### Assistant:" in conv[0]["content"] and "<|endoftext|>" in conv[0]["content"]
-    ids, labels = tokenize_conversation(conv, tiny_tokenizer, DataConfig())
+    ids, labels = tokenize_conversation(conv, tiny_tokenizer, DataConfig(template="seed"))
     text = decode(tiny_tokenizer, ids)
     assert text.count("### Human:") == 1 and text.count("### Assistant:") == 1
     # the typed "<|endoftext|>" and "<|im_start|>" are plain text, not control tokens
@@ -137,7 +137,7 @@ def test_generation_prompt_is_the_training_prefix(tiny_tokenizer, template):
 
 
 def test_bos_added_once_when_the_tokenizer_uses_one(bos_tokenizer):
-    ids, labels = tokenize_conversation(CONV, bos_tokenizer, DataConfig())
+    ids, labels = tokenize_conversation(CONV, bos_tokenizer, DataConfig(template="seed"))
     assert ids[0] == bos_tokenizer.bos_token_id and ids.count(bos_tokenizer.bos_token_id) == 1
     assert ids.count(bos_tokenizer.eos_token_id) == 2
     assert render_prompt_ids(CONV[:1], bos_tokenizer, "seed")[0] == bos_tokenizer.bos_token_id
@@ -197,6 +197,7 @@ def test_auto_template_is_chat_with_a_template_and_seed_without(tiny_tokenizer, 
 
 
 def test_seed_preset_keeps_the_seed_template():
+    assert DataConfig().template == "auto"  # the default since it measured no worse (README)
     assert DataConfig(preset="seed").template == "seed"
     with pytest.raises(UserError, match="template=chat"):
         DataConfig(preset="seed", template="chat")

@@ -55,8 +55,8 @@ class DataConfig:
     max_answer_repetition: float = field(
         0.5, help="drop a conversation with an answer whose share of repeated word 4-grams (seq-rep-4) is above "
                   "this (reason looping_answer); 0 or 1 switches the filter off")
-    template: str = field("seed", help="seed ('### Human:' / '### Assistant:' + EOS), chat (the tokenizer's "
-                          "own chat template) or auto (chat when the tokenizer has a template, else seed)")
+    template: str = field("auto", help="auto (the tokenizer's chat template when it has one, else seed), chat "
+                          "(the tokenizer's own chat template) or seed ('### Human:' / '### Assistant:' + EOS)")
     train_on_prompt: bool = field(False, help="loss on every token, prompts included (the seed's loss)")
     max_length: int = field(1024, help="tokens per sample; later turns are dropped to fit")
     val_ratio: float = field(0.1, help="share of prompts in the validation split")
