@@ -43,7 +43,7 @@ def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     """sdpa per conversation of a flat packed row; per row of a ragged decode step with
     ``kv_starts``; transformers' sdpa otherwise."""
     if kv_starts is not None and query.shape[2] == 1:
-        return _ragged_decode(module, query, key, value, kv_starts, scaling)
+        return _ragged_decode(query, key, value, kv_starts, scaling)
     if cu_seq_lens_q is None or query.shape[2] == 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
@@ -70,10 +70,10 @@ def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     return out.transpose(1, 2).contiguous(), None  # (1, N, H, D), as transformers' kernels return
 
 
-def _ragged_decode(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                   starts: list[int], scaling: float | None) -> tuple[torch.Tensor, None]:
+def _ragged_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, starts: list[int],
+                   scaling: float | None) -> tuple[torch.Tensor, None]:
     """One query token per row against that row's cache positions ``starts[i]:`` only."""
-    b, h, _, d = query.shape  # (B, H, 1, D); key, value (B, Hkv, L, D)
+    _, h, _, d = query.shape  # (B, H, 1, D); key, value (B, Hkv, L, D)
     hkv = key.shape[1]
     # grouped-query attention without repeat_kv: a row's H query heads as (Hkv, H/Hkv)
     # queries against its Hkv key heads (transformers' pack_gqa)
@@ -84,13 +84,13 @@ def _ragged_decode(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
 
 
 @contextlib.contextmanager
-def ragged_decode(model: torch.nn.Module) -> Iterator[bool]:
-    """Within the block ``model`` attends through ``segment_attention`` (which reads
-    ``kv_starts``) when it runs sdpa; yields whether it does. Eager and flash-attention
-    models are left as they are (they take the padding mask)."""
+def ragged_decode(model: torch.nn.Module, wanted: bool = True) -> Iterator[bool]:
+    """When ``wanted``, within the block ``model`` attends through ``segment_attention``
+    (which reads ``kv_starts``) if it runs sdpa; yields whether it does. Eager and
+    flash-attention models are left as they are (they take the padding mask)."""
     config = model.config
     old = config._attn_implementation
-    if old not in ("sdpa", NAME):
+    if not wanted or old not in ("sdpa", NAME):
         yield False
         return
     config._attn_implementation = NAME

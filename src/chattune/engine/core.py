@@ -338,9 +338,9 @@ class Engine:
         pad = width - lengths  # (B,)
         padded = int(pad.sum())
         mask, extra = None, {}
-        ragged = padded > RAGGED_PADDING * len(names)  # on average more padding per row than it pays to skip
+        wanted = padded > RAGGED_PADDING * len(names)  # on average more padding per row than it pays to skip
         with context(), self._autocast(), packed_head(variant.inner), \
-                (attention.ragged_decode(variant.inner) if ragged else contextlib.nullcontext(False)) as ragged:
+                attention.ragged_decode(variant.inner, wanted) as ragged:
             if ragged:
                 extra["kv_starts"] = pad.tolist()
             elif padded:
