@@ -6,9 +6,10 @@
 
 For each row count B, B requests (first user turns of the shared arena conversations,
 seed template, greedy) are prefilled into one engine, a few steps warm up, then 10 decode
-steps are timed, and so is the output projection alone (B hidden states by the vocabulary
+steps are timed, once as the engine runs them and once with every linear layer on
+``F.linear`` (``ms_per_step_unpacked``), and so is the output projection alone (B hidden states by the vocabulary
 matrix), both as ``F.linear`` and as the engine runs it (oneDNN's packed linear,
-``chattune/engine/head.py``). Prints ms per step and tokens/s per row count, and as the
+``chattune/engine/packed.py``). Prints ms per step and tokens/s per row count, and as the
 last line one JSON object with the same numbers and ``tokens_per_s_vs_1`` (each row count
 over one row).
 
@@ -34,7 +35,7 @@ import torch  # noqa: E402
 
 from chattune.engine import GREEDY, Engine, Request, Variant  # noqa: E402
 from chattune.engine.core import RAGGED_PADDING as RAGGED_DEFAULT  # noqa: E402
-from chattune.engine.head import packed_head  # noqa: E402
+from chattune.engine import packed  # noqa: E402
 
 
 def _ms(f, n: int = 10) -> float:
@@ -44,6 +45,19 @@ def _ms(f, n: int = 10) -> float:
     for _ in range(n):
         f()
     return round((time.perf_counter() - start) * 1000 / n, 1)
+
+
+def _step_ms(model, tok, prompts: list[list[int]], rows: int, steps: int) -> tuple[float, Engine]:
+    """Seconds per decode step at ``rows`` rows, and the engine (still decoding)."""
+    engine = Engine({"tuned": Variant(model)}, tok, tok.eos_token_id, max_batch=rows)
+    for p in (prompts * rows)[:rows]:
+        engine.add(Request(p, max_new_tokens=steps + 100, sampling=GREEDY))
+    for _ in range(4):  # prefill, then warm-up steps
+        engine.step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    return (time.perf_counter() - start) / steps, engine
 
 
 def ragged(model, tok, prompts: list[list[int]], steps: int, rows: int = 32) -> dict:
@@ -87,25 +101,24 @@ def main() -> None:
     rows = [int(r) for r in args.rows.split(",")]
     prompts = generation.prompts_for(tok, max(rows))
     out = {"model": args.model, "steps": args.steps, "ms_per_step": {}, "tokens_per_s": {}, "output_projection_ms": {},
-           "packed_projection_ms": {}}
+           "packed_projection_ms": {}, "ms_per_step_unpacked": {}}
     head = model.get_output_embeddings().weight
     for b in rows:
-        engine = Engine({"tuned": Variant(model)}, tok, tok.eos_token_id, max_batch=b)
-        for p in (prompts * b)[:b]:
-            engine.add(Request(p, max_new_tokens=args.steps + 100, sampling=GREEDY))
-        for _ in range(4):  # prefill, then warm-up steps
-            engine.step()
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            engine.step()
-        step = (time.perf_counter() - start) / args.steps
-        out["ms_per_step"][b], out["tokens_per_s"][b] = round(step * 1000, 1), round(engine.active / step, 1)
+        step, engine = _step_ms(model, tok, prompts, b, args.steps)
+        active = engine.active
+        unpacked = packed.MIN_ELEMENTS
+        packed.MIN_ELEMENTS = 10**12  # the same steps with every linear on F.linear
+        plain, _ = _step_ms(model, tok, prompts, b, args.steps)
+        packed.MIN_ELEMENTS = unpacked
+        out["ms_per_step"][b], out["tokens_per_s"][b] = round(step * 1000, 1), round(active / step, 1)
+        out["ms_per_step_unpacked"][b] = round(plain * 1000, 1)
         x = torch.randn(b, 1, head.shape[1])
         with torch.no_grad():
             out["output_projection_ms"][b] = _ms(lambda: torch.nn.functional.linear(x, head))
-            with packed_head(model):
+            with packed.PackedLinears(model)():
                 out["packed_projection_ms"][b] = _ms(lambda: model.get_output_embeddings()(x))
-        print(f"{b:3d} rows: {step * 1000:6.1f} ms a step, {engine.active / step:6.1f} tokens/s; output projection "
+        print(f"{b:3d} rows: {step * 1000:6.1f} ms a step ({plain * 1000:.1f} unpacked), {active / step:6.1f} tokens/s; "
+              f"output projection "
               f"{out['output_projection_ms'][b]} ms as F.linear, {out['packed_projection_ms'][b]} ms packed", flush=True)
         if args.profile and b == 16:
             from torch.profiler import profile

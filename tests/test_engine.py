@@ -71,14 +71,17 @@ def variants_of(m, model, base) -> dict[str, Variant]:
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("method", METHODS)
 def test_batched_greedy_equals_sequential_greedy(method, arch, ragged, tokenizer, prompts, monkeypatch):
-    """Also with every padded decode step attending row by row (attention.ragged_decode)."""
+    """Also with every padded decode step attending row by row (attention.ragged_decode),
+    and with every linear layer on the packed kernel (engine/packed.py), tiny ones included."""
     from chattune import attention
-    from chattune.engine import core
+    from chattune.engine import core, packed
 
-    calls = []
-    per_row = attention._ragged_decode
+    calls, packed_calls = [], []
+    per_row, packed_forward = attention._ragged_decode, packed._forward
     monkeypatch.setattr(attention, "_ragged_decode", lambda *a: calls.append(1) or per_row(*a))
     monkeypatch.setattr(core, "RAGGED_PADDING", 0 if ragged else 10**9)
+    monkeypatch.setattr(packed, "MIN_ELEMENTS", 0)
+    monkeypatch.setattr(packed, "_forward", lambda *a: packed_calls.append(1) or packed_forward(*a))
     m, model, base = tuned(method, arch, tokenizer)
     engine = Engine(variants_of(m, model, base), tokenizer, eos_id=-1, max_batch=4)  # 4 slots: rows come and go
     lengths = [3, 9, 5, 12, 4, 7]
@@ -101,6 +104,7 @@ def test_batched_greedy_equals_sequential_greedy(method, arch, ragged, tokenizer
     # the base rows really are the base model
     assert [a.token_ids for a in answers[6:]] == [greedy_reference(base, p, n) for p, n in zip(prompts, lengths)]
     assert bool(calls) == ragged
+    assert packed_calls
 
 
 def test_lora_tuned_and_base_rows_share_one_forward_per_step(tokenizer, prompts):
@@ -246,22 +250,30 @@ def test_prompt_longer_than_the_context_is_refused(tokenizer):
         engine.add(Request([5] * 500))
 
 
-def test_packed_head_gives_the_linear_logits_and_follows_weight_changes(tokenizer):
-    from chattune.engine.head import packed_head
+@pytest.mark.parametrize("arch", ARCHS)
+def test_packed_linears_give_the_linear_outputs_and_follow_weight_changes(arch, tokenizer, monkeypatch):
+    from chattune.engine import packed
 
-    model = make_model("llama", len(tokenizer)).eval()
+    monkeypatch.setattr(packed, "MIN_ELEMENTS", 0)
+    model = make_model(arch, len(tokenizer)).eval()
+    pack = packed.PackedLinears(model)
     head = model.get_output_embeddings()
+    assert head in pack.modules and len(pack.modules) > 1
     ids = torch.tensor([[5, 9, 2, 7]])
     with torch.no_grad():
         want = model(input_ids=ids).logits
-        with packed_head(model):
-            assert "forward" in head.__dict__  # the swap happened: the packed kernel ran
+        with pack():
+            assert all("forward" in m.__dict__ for m in pack.modules)  # the swap happened: packed kernels ran
             got = model(input_ids=ids).logits
-        assert "forward" not in head.__dict__  # restored
+        assert not any("forward" in m.__dict__ for m in pack.modules)  # restored
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         head.weight.mul_(2)  # trained in place between two evaluations: packed again
-        with packed_head(model):
+        with pack():
             got = model(input_ids=ids).logits
         torch.testing.assert_close(got, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
-    with packed_head(model):  # gradients on (training): the plain head, untouched
-        assert "forward" not in head.__dict__
+    with pack():  # gradients on (training): the plain layers, untouched
+        assert not any("forward" in m.__dict__ for m in pack.modules)
+    monkeypatch.setattr(packed, "MIN_ELEMENTS", 10**9)  # every weight below the size that pays
+    assert packed.PackedLinears(model).modules == []
+
+

@@ -47,7 +47,7 @@ import torch
 
 from chattune import attention
 from chattune.engine import cache as kv
-from chattune.engine.head import packed_head
+from chattune.engine.packed import PackedLinears
 from chattune.engine.sampling import DEFAULTS, SamplingParams, choose, penalise
 from chattune.engine.text import TextTracker
 from chattune.errors import UserError
@@ -187,6 +187,11 @@ class Engine:
         self.lane_of = {name: v.lane or name for name, v in variants.items()}
         self.lanes = {lane: _Lane() for lane in self.lane_of.values()}
         self.finished: list[Answer] = []
+        by_model: dict[int, PackedLinears] = {}  # variants of one model share its packed weights
+        for v in variants.values():
+            if id(v.inner) not in by_model:
+                by_model[id(v.inner)] = PackedLinears(v.inner)
+        self.packed = {name: by_model[id(v.inner)] for name, v in variants.items()}
 
     # -- public ----------------------------------------------------------------------
     def add(self, request: Request) -> Request:
@@ -289,7 +294,7 @@ class Engine:
         extra = {}
         if len(prompts) > 1:  # left padding: number the real tokens from 0, as alone
             extra["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
-        with variant.context(), self._autocast(), packed_head(variant.inner):
+        with variant.context(), self._autocast(), self.packed[name]():
             variant.model.eval()
             out = variant.model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1, **extra)
         cache = out.past_key_values
@@ -339,7 +344,7 @@ class Engine:
         padded = int(pad.sum())
         mask, extra = None, {}
         wanted = padded > RAGGED_PADDING * len(names)  # on average more padding per row than it pays to skip
-        with context(), self._autocast(), packed_head(variant.inner), \
+        with context(), self._autocast(), self.packed[names[0]](), \
                 attention.ragged_decode(variant.inner, wanted) as ragged:
             if ragged:
                 extra["kv_starts"] = pad.tolist()
