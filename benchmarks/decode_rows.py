@@ -16,7 +16,7 @@ over one row).
 ``--ragged`` then times a batch of 32 rows where one prompt is long (256 to 2,048 tokens)
 and the others are the usual short ones, so the shared cache is mostly padding: decode
 steps with the padding masked (one sdpa per layer over every position) against attention
-row by row on each row's own positions (``chattune.attention.ragged_decode``), for the
+row by row on each row's own positions (``chattune.attention.decode_steps``), for the
 ratio ``masked_ms / ragged_ms`` per long length. The engine switches per step by
 ``RAGGED_PADDING`` (mean padded positions per row).
 """

@@ -71,14 +71,15 @@ def variants_of(m, model, base) -> dict[str, Variant]:
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("method", METHODS)
 def test_batched_greedy_equals_sequential_greedy(method, arch, ragged, tokenizer, prompts, monkeypatch):
-    """Also with every padded decode step attending row by row (attention.ragged_decode),
+    """Also with every padded decode step attending row by row (attention.decode_steps),
     and with every linear layer on the packed kernel (engine/packed.py), tiny ones included."""
     from chattune import attention
     from chattune.engine import core, packed
 
-    calls, packed_calls = [], []
-    per_row, packed_forward = attention._ragged_decode, packed._forward
+    calls, packed_calls, masked_calls = [], [], []
+    per_row, packed_forward, masked = attention._ragged_decode, packed._forward, attention._decode
     monkeypatch.setattr(attention, "_ragged_decode", lambda *a: calls.append(1) or per_row(*a))
+    monkeypatch.setattr(attention, "_decode", lambda *a: masked_calls.append(a[3] is not None) or masked(*a))
     monkeypatch.setattr(core, "RAGGED_PADDING", 0 if ragged else 10**9)
     monkeypatch.setattr(packed, "MIN_ELEMENTS", 0)
     monkeypatch.setattr(packed, "_forward", lambda *a: packed_calls.append(1) or packed_forward(*a))
@@ -104,6 +105,7 @@ def test_batched_greedy_equals_sequential_greedy(method, arch, ragged, tokenizer
     # the base rows really are the base model
     assert [a.token_ids for a in answers[6:]] == [greedy_reference(base, p, n) for p, n in zip(prompts, lengths)]
     assert bool(calls) == ragged
+    assert any(masked_calls) != ragged  # padded steps ran masked (grouped-query, no repeat_kv) or row by row
     assert packed_calls
 
 
@@ -248,6 +250,24 @@ def test_prompt_longer_than_the_context_is_refused(tokenizer):
     engine = Engine({"tuned": Variant(model, virtual_tokens=20)}, tokenizer, eos_id=-1)
     with pytest.raises(PromptTooLong, match="512"):
         engine.add(Request([5] * 500))
+
+
+@pytest.mark.parametrize("heads", [(4, 2), (4, 4)], ids=["gqa", "mha"])
+def test_decode_attention_equals_transformers_sdpa(heads):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from chattune import attention
+
+    h, hkv = heads
+    torch.manual_seed(0)
+    query, key, value = torch.randn(3, h, 1, 8), torch.randn(3, hkv, 7, 8), torch.randn(3, hkv, 7, 8)
+    mask = (torch.arange(7)[None, :] >= torch.tensor([0, 2, 5])[:, None])[:, None, None, :]  # left padding (B, 1, 1, L)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal, module.training = h // hkv, True, False
+    for m in (mask, None):
+        want, _ = sdpa_attention_forward(module, query, key, value, m, scaling=0.3)
+        got, _ = attention.segment_attention(module, query, key, value, m, scaling=0.3)
+        torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

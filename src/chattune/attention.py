@@ -13,13 +13,19 @@ Python loop per layer; its kernel skips the upper triangle), otherwise it is tra
 own sdpa (generation, padded batches). Its mask function is sdpa's, so everything but
 packed training is unchanged.
 
-The decoding engine uses the same function for ragged decode steps: its rows share a
-cache left-padded to the longest row, and a masked sdpa reads and scores every padded
-position of every row. One 2,500-token Arena-Hard prompt among 31 short ones makes each
-step read ~31 x 2,500 padded positions of keys and values in every layer. Given
-``kv_starts`` (each row's first real cache position) and one query token, attention runs
-per row on its own positions only; the engine passes it when padding dominates
-(``ragged_decode``).
+The decoding engine's steps (one query token per row) run through the same function
+(``decode_steps``), for two reasons:
+- Grouped-query attention without copies. transformers' sdpa path repeats every key and
+  value head to the query heads (``repeat_kv``) whenever there is a mask, i.e. on every
+  padded batch: a copy of the whole cache per layer per step. Here a row's H query heads
+  are read as H/Hkv queries against each of its Hkv key heads (flash-attention's
+  "pack GQA"), one sdpa over the cache as it is.
+- Ragged steps: the rows share a cache left-padded to the longest row, and a masked sdpa
+  reads and scores every padded position of every row. One 2,500-token Arena-Hard prompt
+  among 31 short ones makes each step read ~31 x 2,500 padded positions of keys and
+  values in every layer. Given ``kv_starts`` (each row's first real cache position),
+  attention runs per row on its own positions only; the engine passes it when padding
+  dominates.
 """
 
 from __future__ import annotations
@@ -42,8 +48,11 @@ def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                       **kwargs) -> tuple[torch.Tensor, None]:
     """sdpa per conversation of a flat packed row; per row of a ragged decode step with
     ``kv_starts``; transformers' sdpa otherwise."""
-    if kv_starts is not None and query.shape[2] == 1:
-        return _ragged_decode(query, key, value, kv_starts, scaling)
+    if query.shape[2] == 1:
+        if kv_starts is not None:
+            return _ragged_decode(query, key, value, kv_starts, scaling)
+        if attention_mask is None or attention_mask.shape[1] == 1:  # a mask shared by the heads
+            return _decode(query, key, value, attention_mask, scaling)
     if cu_seq_lens_q is None or query.shape[2] == 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
@@ -70,6 +79,15 @@ def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     return out.transpose(1, 2).contiguous(), None  # (1, N, H, D), as transformers' kernels return
 
 
+def _decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+            scaling: float | None) -> tuple[torch.Tensor, None]:
+    """One query token per row, H query heads as (Hkv, H/Hkv) queries: no repeat_kv."""
+    b, h, _, d = query.shape  # (B, H, 1, D); key, value (B, Hkv, L, D); mask (B, 1, 1, L) or None
+    hkv = key.shape[1]
+    out = F.scaled_dot_product_attention(query.view(b, hkv, h // hkv, d), key, value, attn_mask=mask, scale=scaling)
+    return out.view(b, h, 1, d).transpose(1, 2).contiguous(), None  # (B, 1, H, D)
+
+
 def _ragged_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, starts: list[int],
                    scaling: float | None) -> tuple[torch.Tensor, None]:
     """One query token per row against that row's cache positions ``starts[i]:`` only."""
@@ -84,13 +102,13 @@ def _ragged_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
 
 
 @contextlib.contextmanager
-def ragged_decode(model: torch.nn.Module, wanted: bool = True) -> Iterator[bool]:
-    """When ``wanted``, within the block ``model`` attends through ``segment_attention``
-    (which reads ``kv_starts``) if it runs sdpa; yields whether it does. Eager and
+def decode_steps(model: torch.nn.Module) -> Iterator[bool]:
+    """Within the block ``model`` attends through ``segment_attention`` if it runs sdpa
+    (its decode steps then take ``kv_starts``); yields whether it does. Eager and
     flash-attention models are left as they are (they take the padding mask)."""
     config = model.config
     old = config._attn_implementation
-    if not wanted or old not in ("sdpa", NAME):
+    if old not in ("sdpa", NAME):
         yield False
         return
     config._attn_implementation = NAME

@@ -22,7 +22,7 @@ How a row is decoded:
   Each step feeds every row its last token at position ``n_i`` (its own cache length,
   which counts virtual tokens the way training did) with a mask that hides the padding;
   when padding dominates (one long prompt among short ones), attention instead runs row
-  by row on each row's own positions (``attention.ragged_decode``).
+  by row on each row's own positions (``attention.decode_steps``).
 - Continuous batching: a finished row leaves between steps (its cache rows are dropped
   and the common padding trimmed) and a waiting request is prefilled into the free slot.
 Rows that use different variants (tuned, base, another run) have a cache each and one
@@ -54,7 +54,7 @@ from chattune.errors import UserError
 
 PREFILL_TOKENS = 2048  # padded prompt tokens per prefill forward
 # Mean padded cache positions per row above which a decode step attends row by row
-# (attention.ragged_decode) instead of one masked sdpa over the padding. At 32 rows
+# (attention.decode_steps) instead of one masked sdpa over the padding. At 32 rows
 # (benchmarks/decode_rows.py --ragged) row by row ran 0.94x at ~230 padded positions
 # a row (the loop's overhead) and 1.34x-1.5x at ~475 and more.
 RAGGED_PADDING = 320
@@ -343,10 +343,8 @@ class Engine:
         pad = width - lengths  # (B,)
         padded = int(pad.sum())
         mask, extra = None, {}
-        wanted = padded > RAGGED_PADDING * len(names)  # on average more padding per row than it pays to skip
-        with context(), self._autocast(), self.packed[names[0]](), \
-                attention.ragged_decode(variant.inner, wanted) as ragged:
-            if ragged:
+        with context(), self._autocast(), self.packed[names[0]](), attention.decode_steps(variant.inner) as ours:
+            if ours and padded > RAGGED_PADDING * len(names):  # on average more padding per row than it pays to skip
                 extra["kv_starts"] = pad.tolist()
             elif padded:
                 mask = (torch.arange(width + 1, device=self.device)[None, :] >= pad[:, None]).long()  # (B, L+1)
