@@ -109,6 +109,57 @@ def test_batched_greedy_equals_sequential_greedy(method, arch, ragged, tokenizer
     assert packed_calls
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", METHODS)
+def test_speculative_steps_give_the_answers_of_plain_steps(method, arch, tokenizer, prompts, monkeypatch):
+    """A row alone in its lane checks tokens drafted from its history (engine/lookup.py) in
+    one forward; greedy and seeded sampled answers are those of one token a step, with the
+    n-gram drafts and with drafts that are partly right (the keep-then-reject path)."""
+    from chattune.engine import lookup
+
+    m, model, base = tuned(method, arch, tokenizer)
+    sampled = SamplingParams(temperature=0.8, top_p=0.9, top_k=20, repetition_penalty=1.1, seed=5)
+    reqs = [(p, s) for p in prompts[:3] for s in (GREEDY, sampled)]
+
+    def answers(draft_tokens: int) -> tuple[list[list[int]], Engine]:
+        engine = Engine(variants_of(m, model, base), tokenizer, eos_id=-1, max_batch=1, draft_tokens=draft_tokens)
+        got = engine.run([Request(p, max_new_tokens=24, sampling=s) for p, s in reqs])
+        return [a.token_ids for a in got], engine
+
+    plain, off = answers(0)
+    assert off.drafted == 0
+    assert answers(4)[0] == plain  # the n-gram drafts (tiny random models rarely repeat: mostly rejected)
+    for (p, _), got in zip(reqs[::2], plain[::2]):
+        assert got == greedy_reference(model, p, 24)
+
+    def partly_right(self, limit=4):  # the plain answer's next tokens, the last one wrong at every other step
+        h = self.history
+        for (p, _), answer in zip(reqs, plain):
+            done = h[len(p):]
+            if h[:len(p)] == p and answer[:len(done)] == done:
+                future = answer[len(done):len(done) + limit]
+                return future[:-1] + [(future[-1] + 1) % len(tokenizer)] if future and len(h) % 2 else future
+        return []
+
+    monkeypatch.setattr(lookup.Lookup, "draft", partly_right)
+    drafted, on = answers(4)
+    assert drafted == plain
+    assert on.kept > 0 and on.drafted > on.kept  # drafts kept, and some rejected
+
+
+def test_lookup_drafts_what_followed_the_latest_occurrence():
+    from chattune.engine.lookup import Lookup
+
+    index = Lookup([1, 2, 3, 4, 9, 2, 3, 5, 6, 7])
+    assert index.draft() == []  # 7 never occurred before
+    index.add(2)
+    index.add(3)
+    assert index.draft(3) == [5, 6, 7]  # "2 3" last continued with 5 (not the older 4)
+    index.add(4)
+    assert index.draft(2) == [9, 2]  # "2 3 4" beats the shorter suffixes
+    assert Lookup([5]).draft() == []
+
+
 def test_lora_tuned_and_base_rows_share_one_forward_per_step(tokenizer, prompts):
     m, model, base = tuned("lora", "llama", tokenizer)
     engine = Engine(variants_of(m, model, base), tokenizer, eos_id=-1, max_batch=4)

@@ -92,5 +92,11 @@ def select(cache: DynamicCache, index: torch.Tensor, width: int) -> None:
         layer._set(layer.keys.index_select(0, index)[:, :, start:], layer.values.index_select(0, index)[:, :, start:])
 
 
+def crop(cache: DynamicCache, width: int) -> None:
+    """Keep the first ``width`` positions (a one-row lane after a speculative step)."""
+    for layer in cache.layers:
+        layer.n = width
+
+
 def _left_pad(x: torch.Tensor, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, 0, width - x.shape[-2], 0)) if x.shape[-2] < width else x

@@ -48,7 +48,8 @@ import torch
 from chattune import attention
 from chattune.engine import cache as kv
 from chattune.engine.packed import PackedLinears
-from chattune.engine.sampling import DEFAULTS, SamplingParams, choose, penalise
+from chattune.engine.lookup import DRAFT_TOKENS, Lookup
+from chattune.engine.sampling import DEFAULTS, SamplingParams, choose, noise_seed, penalise
 from chattune.engine.text import TextTracker
 from chattune.errors import UserError
 
@@ -122,7 +123,7 @@ class PromptTooLong(UserError):
 class _Row:
     req: Request
     text: TextTracker
-    generator: torch.Generator | None
+    seed: int | None  # the request's sampling seed (drawn when it has none); None: greedy
     length: int  # cache positions of this row (virtual tokens + prompt + fed answer tokens)
     last: int  # token to feed at the next step
     budget: int
@@ -130,6 +131,7 @@ class _Row:
     tokens: list[int] = field(default_factory=list)
     done: str | None = None
     cancelled: bool = False
+    lookup: Lookup | None = None  # its n-gram index, from its first speculative step on
 
 
 class _Lane:
@@ -172,14 +174,19 @@ class Engine:
         eos_id: the token that ends an answer.
         max_batch: rows decoded together (all variants); further requests wait.
         dtype: autocast dtype for the forward passes (None: the weights' own).
+        draft_tokens: tokens a row alone in its lane proposes from its own history and
+            checks in the same forward (``engine/lookup.py``); 0 turns this off.
     """
 
     def __init__(self, variants: dict[str, Variant], tokenizer, eos_id: int, *, max_batch: int = 16,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, draft_tokens: int = DRAFT_TOKENS):
         if max_batch < 1:
             raise UserError("max_batch must be >= 1")
+        if draft_tokens < 0:
+            raise UserError("draft_tokens must be >= 0")
         self.variants, self.tokenizer, self.eos_id = variants, tokenizer, eos_id
-        self.max_batch, self.dtype = max_batch, dtype
+        self.max_batch, self.dtype, self.draft_tokens = max_batch, dtype, draft_tokens
+        self.drafted = self.kept = 0  # draft tokens proposed and confirmed, over the engine's life
         first = next(iter(variants.values())).model
         self.device = next(first.parameters()).device
         self.context_size = _context_size(first.config)
@@ -309,12 +316,10 @@ class Engine:
             length = len(prompts[i]) + virtual
             for req in group:
                 budget = min(req.max_new_tokens, self.context_size - length) if self.context_size else req.max_new_tokens
-                gen = None
+                seed = None
                 if not req.sampling.greedy:
-                    gen = torch.Generator(device=self.device)
-                    gen.manual_seed(req.sampling.seed if req.sampling.seed is not None else
-                                    int(torch.randint(0, 2**62, (1,))))
-                row = _Row(req, TextTracker(self.tokenizer, req.stop, req.on_text), gen, length, -1, budget,
+                    seed = req.sampling.seed if req.sampling.seed is not None else int(torch.randint(0, 2**62, (1,)))
+                row = _Row(req, TextTracker(self.tokenizer, req.stop, req.on_text), seed, length, -1, budget,
                            time.perf_counter())
                 seen = torch.zeros((1, logits.shape[-1]), dtype=torch.bool, device=self.device)
                 token = self._choose(logits[i:i + 1], [row], seen)[0]
@@ -339,17 +344,22 @@ class Engine:
         context = (lambda: variant.route(names)) if mixed else variant.context
         width = lane.width
         lengths = torch.tensor([r.length for r in lane.rows], device=self.device)
-        ids = torch.tensor([[r.last] for r in lane.rows], device=self.device)  # (B, 1)
         pad = width - lengths  # (B,)
         padded = int(pad.sum())
+        draft = self._draft(lane.rows[0]) if len(lane.rows) == 1 and not padded else []
+        ids = torch.tensor([[r.last] + draft for r in lane.rows], device=self.device)  # (B, T), T = 1 + drafted
+        positions = lengths[:, None] + torch.arange(ids.shape[1], device=self.device)  # (B, T)
         mask, extra = None, {}
         with context(), self._autocast(), self.packed[names[0]](), attention.decode_steps(variant.inner) as ours:
             if ours and padded > RAGGED_PADDING * len(names):  # on average more padding per row than it pays to skip
                 extra["kv_starts"] = pad.tolist()
             elif padded:
                 mask = (torch.arange(width + 1, device=self.device)[None, :] >= pad[:, None]).long()  # (B, L+1)
-            out = variant.inner(input_ids=ids, position_ids=lengths[:, None], attention_mask=mask,
+            out = variant.inner(input_ids=ids, position_ids=positions, attention_mask=mask,
                                 past_key_values=lane.cache, use_cache=True, **extra)
+        if draft:
+            self._speculate(lane, out.logits[0], draft)
+            return
         tokens = self._choose(out.logits[:, -1, :], lane.rows, lane.seen)
         keep = []
         for i, (row, token) in enumerate(zip(lane.rows, tokens)):
@@ -363,12 +373,48 @@ class Engine:
         if len(keep) < len(lane.rows):
             lane.drop(keep)
 
+    def _draft(self, row: _Row) -> list[int]:
+        """Tokens to check along with ``row``'s next one: it is alone in its lane, so a forward
+        of a few more tokens costs little more (``engine/lookup.py``)."""
+        room = min(self.draft_tokens, row.budget - len(row.tokens) - 1)
+        if self.context_size:
+            room = min(room, self.context_size - row.length - 1)  # positions past the context do not exist
+        if room < 1:
+            return []
+        if row.lookup is None:
+            row.lookup = Lookup(row.req.prompt_ids + row.tokens)
+        return row.lookup.draft(room)
+
+    def _speculate(self, lane: _Lane, logits: torch.Tensor, draft: list[int]) -> None:
+        """Choose tokens from the (T, V) ``logits`` of [last, *draft] as one step each would,
+        while the draft agrees; the first disagreement (or the token after a fully kept
+        draft) ends the step. Every choice is a function of the row's history and its
+        position (``sampling.choose``), so the answer is the one the engine gives without
+        drafts, up to float rounding, for greedy and sampled rows alike."""
+        row = lane.rows[0]
+        kept = 0  # draft tokens confirmed: their cache positions stay
+        for j in range(len(draft) + 1):
+            token = self._choose(logits[j:j + 1], [row], lane.seen)[0]
+            if row.cancelled:
+                row.done = "cancelled"
+            if row.done or self._accept(row, token, lane.seen[0]) or j == len(draft) or token != draft[j]:
+                break
+            kept += 1
+        row.length += 1 + kept
+        self.drafted, self.kept = self.drafted + len(draft), self.kept + kept
+        if row.done:
+            self._finish(row)
+            lane.drop([])
+        else:
+            kv.crop(lane.cache, row.length)  # the cache positions of rejected draft tokens go
+
     def _choose(self, logits: torch.Tensor, rows: list[_Row], seen: torch.Tensor) -> list[int]:
         logits = logits.float()  # (B, V)
         if any(r.req.sampling.repetition_penalty != 1.0 for r in rows):
             penalty = torch.tensor([[r.req.sampling.repetition_penalty] for r in rows], device=logits.device)
             logits = penalise(logits, seen, penalty)
-        return choose(logits, [r.req.sampling for r in rows], [r.generator for r in rows])
+        seeds = [None if r.seed is None else noise_seed(r.seed, len(r.tokens)) for r in rows]
+        return choose(logits, [r.req.sampling for r in rows], seeds)
 
     def _accept(self, row: _Row, token: int, seen: torch.Tensor) -> bool:
         """Record ``token`` for ``row``; True when the row is finished."""
@@ -381,6 +427,8 @@ class Engine:
         row.tokens.append(token)
         row.last = token
         seen[token] = True
+        if row.lookup is not None:
+            row.lookup.add(token)
         if row.text.add(token):
             row.done = "stop"
         elif len(row.tokens) >= row.budget:

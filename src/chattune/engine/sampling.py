@@ -63,11 +63,22 @@ def penalise(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) ->
     return torch.where(seen, scaled, logits)
 
 
-def choose(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
+def noise_seed(seed: int, position: int) -> int:
+    """The seed of the draw for answer token ``position`` of a request seeded ``seed``."""
+    return (seed * 0x9E3779B97F4A7C15 + position) % 2**63  # distinct positions, distinct streams
+
+
+def choose(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int | None]) -> list[int]:
     """Next token of every row: argmax for greedy rows, a seeded draw for the others.
 
     ``logits`` (B, V) float32, already penalised. Order as in transformers: temperature,
     then top-k, then top-p (the smallest set of tokens whose probability reaches top_p).
+    ``seeds`` (``noise_seed``, one per sampled row) fix each draw. The draw is Gumbel-max
+    (argmax of log-probabilities plus Gumbel noise, an exact sample of the distribution)
+    with noise that depends on the request's seed and the token's position only, so a
+    token is a function of its row's own history: the same whatever else is in the batch,
+    and the same whether the engine decoded it alone or checked it as one of several
+    tokens proposed at once (speculative steps, ``engine/lookup.py``).
     """
     out = logits.argmax(-1).tolist()
     rows = [i for i, p in enumerate(params) if not p.greedy]
@@ -84,8 +95,11 @@ def choose(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     probs = torch.softmax(vals, -1)
     top_p = torch.tensor([[params[i].top_p] for i in rows], device=x.device)
     drop = (probs.cumsum(-1) - probs) >= top_p  # keeps the first token whatever top_p is
-    probs = torch.softmax(vals.masked_fill(drop, float("-inf")), -1)
+    logp = torch.log_softmax(vals.masked_fill(drop, float("-inf")), -1)  # (S, k), -inf outside the kept set
+    generator = torch.Generator(device=x.device)
     for j, i in enumerate(rows):
-        pick = torch.multinomial(probs[j], 1, generator=generators[i])
-        out[i] = int(idx[j, pick])
+        generator.manual_seed(seeds[i])
+        u = torch.rand(k, generator=generator, device=x.device, dtype=torch.float64).clamp_(min=1e-300)
+        gumbel = -torch.log(-torch.log(u)).to(logp.dtype)  # (k,), standard Gumbel
+        out[i] = int(idx[j, int((logp[j] + gumbel).argmax())])
     return out
