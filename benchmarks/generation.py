@@ -15,7 +15,8 @@ process, one after the other. ``hf_single`` and C = 1 use the first 8 requests (
 ``generate`` (its own base model), bf16 weights against float32 at 16 sequences, with
 the greedy answers compared, and eval's workload (a LoRA run's tuned and base answers
 to the same prompts) with tuned and base rows in one forward per step (``Variant.route``)
-against a forward per variant.
+against a forward per variant, and one sequence at a time with speculative steps (drafts
+from the row's own history) against without.
 
 Two prompt formats (``--templates``), because the answers' lengths decide what continuous
 batching can win: ``auto``, the model's own chat template (how an instruct model is asked;
@@ -26,6 +27,7 @@ row reports the answers' median and maximum length and the share at the limit.
 
     .venv/bin/python benchmarks/generation.py --quick     # < 3 min: SmolLM2, chat template, C = 16, 128 tokens
     .venv/bin/python benchmarks/generation.py             # both models, both templates, C = 1, 4, 16, 64, 256 tokens
+    .venv/bin/python benchmarks/generation.py --drafts    # ~2 min: one sequence, speculative steps off and on
 
 The last line is one JSON object with ``vs_hf_batched_16`` and ``vs_hf_single``.
 """
@@ -235,6 +237,34 @@ def methods_single(name: str, max_new: int) -> dict:
     return out
 
 
+def drafts_check(name: str, max_new: int, template: str = "auto", n_req: int = 4) -> dict:
+    """One sequence at a time (chat's case): the engine with and without speculative steps
+    (prompt-lookup drafts, ``engine/lookup.py``), greedy and the shipped sampling, the same
+    prompts; whether the answers are the same, and how many drafted tokens were kept."""
+    from chattune.engine import DEFAULTS
+    from chattune.engine.lookup import DRAFT_TOKENS
+
+    model, tok = load(name)
+    prompts = prompts_for(tok, n_req, template=template)
+    out = {"template": template, "requests": len(prompts), "max_new_tokens": max_new}
+    for label, sampling in (("greedy", GREEDY), ("sampled", DEFAULTS.with_(seed=0))):
+        runs = {}
+        for drafts in (0, DRAFT_TOKENS):
+            engine = Engine({"tuned": Variant(model)}, tok, tok.eos_token_id, max_batch=1, draft_tokens=drafts)
+            engine.run([Request(prompts[0], max_new_tokens=4, sampling=sampling)])  # warm-up
+            engine.drafted = engine.kept = 0
+            start = time.perf_counter()
+            answers = engine.run([Request(p, max_new_tokens=max_new, sampling=sampling) for p in prompts])
+            tokens = sum(len(a.token_ids) for a in answers)
+            runs[drafts] = (rate(tokens, time.perf_counter() - start), [a.token_ids for a in answers], engine)
+        (plain, a0, _), (fast, a1, eng) = runs[0], runs[DRAFT_TOKENS]
+        out[label] = {"plain": plain, "drafts": fast, "speedup": round(fast / plain, 2),
+                      "same_answers": sum(x == y for x, y in zip(a0, a1)) / len(prompts),
+                      "kept_of_drafted": round(eng.kept / max(eng.drafted, 1), 2)}
+        print(f"[{name}] one sequence, {label}, drafts off/on: {json.dumps(out[label])}", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="SmolLM2 only, its chat template, 16 sequences, 128 tokens")
@@ -247,9 +277,15 @@ def main() -> None:
                     help="prompt templates, comma-separated (default: auto,seed; --quick: auto). auto is the "
                          "model's own chat template (answers end at their natural length), seed the seed's "
                          "'### Human:' format (an instruct model rarely ends those: answers run to the limit)")
+    ap.add_argument("--drafts", action="store_true",
+                    help="only the speculative-steps check: one sequence, drafts off and on (about 2 min)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.drafts:
+        result = {"threads": torch.get_num_threads(), "drafts": drafts_check("smollm2-135m", args.max_new_tokens or 128)}
+        print(json.dumps(result))
+        return
     models = ["smollm2-135m"] if args.quick else args.models.split(",")
     conc = [16] if args.quick else [int(c) for c in args.concurrency.split(",")]
     n_req = 32 if args.quick else args.requests
@@ -265,6 +301,7 @@ def main() -> None:
             table["bf16"] = bf16_check(name, n_req, max_new)
             table["tuned_and_base"] = lanes_check(name, n_req, max_new)
             table["methods_single"] = methods_single(name, max_new)
+            table["drafts"] = drafts_check(name, max_new)
     head = result["models"][f"{models[0]}/{templates[0]}"]
     at16 = next(r for r in head["rows"] if r["concurrent"] == 16)
     result["headline"] = f"{models[0]}/{templates[0]}"

@@ -160,6 +160,18 @@ def test_lookup_drafts_what_followed_the_latest_occurrence():
     assert Lookup([5]).draft() == []
 
 
+def test_rows_whose_drafts_are_rejected_draft_less():
+    from chattune.engine import lookup
+
+    index = lookup.Lookup([1, 2, 3])
+    assert index.wanted()
+    for _ in range(3):
+        index.checked(4, 0)
+    assert [index.wanted() for _ in range(lookup.PROBE_EVERY)] == [False] * (lookup.PROBE_EVERY - 1) + [True]  # a probe
+    index.checked(4, 4)  # the probe was kept: drafts again
+    assert index.wanted()
+
+
 def test_lora_tuned_and_base_rows_share_one_forward_per_step(tokenizer, prompts):
     m, model, base = tuned("lora", "llama", tokenizer)
     engine = Engine(variants_of(m, model, base), tokenizer, eos_id=-1, max_batch=4)

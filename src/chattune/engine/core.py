@@ -383,7 +383,7 @@ class Engine:
             return []
         if row.lookup is None:
             row.lookup = Lookup(row.req.prompt_ids + row.tokens)
-        return row.lookup.draft(room)
+        return row.lookup.draft(room) if row.lookup.wanted() else []
 
     def _speculate(self, lane: _Lane, logits: torch.Tensor, draft: list[int]) -> None:
         """Choose tokens from the (T, V) ``logits`` of [last, *draft] as one step each would,
@@ -402,6 +402,7 @@ class Engine:
             kept += 1
         row.length += 1 + kept
         self.drafted, self.kept = self.drafted + len(draft), self.kept + kept
+        row.lookup.checked(len(draft), kept)
         if row.done:
             self._finish(row)
             lane.drop([])
