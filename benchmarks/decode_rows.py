@@ -49,7 +49,7 @@ def _ms(f, n: int = 10) -> float:
 
 def _step_ms(model, tok, prompts: list[list[int]], rows: int, steps: int) -> tuple[float, Engine]:
     """Seconds per decode step at ``rows`` rows, and the engine (still decoding)."""
-    engine = Engine({"tuned": Variant(model)}, tok, tok.eos_token_id, max_batch=rows)
+    engine = Engine({"tuned": Variant(model)}, tok, tok.eos_token_id, max_batch=rows, draft_tokens=0)  # one token a step
     for p in (prompts * rows)[:rows]:
         engine.add(Request(p, max_new_tokens=steps + 100, sampling=GREEDY))
     for _ in range(4):  # prefill, then warm-up steps
@@ -71,7 +71,7 @@ def ragged(model, tok, prompts: list[list[int]], steps: int, rows: int = 32) -> 
         timing = {}
         for label, threshold in (("masked", 10**9), ("ragged", 0)):
             core.RAGGED_PADDING = threshold
-            engine = Engine({"tuned": Variant(model)}, tok, tok.eos_token_id, max_batch=rows)
+            engine = Engine({"tuned": Variant(model)}, tok, tok.eos_token_id, max_batch=rows, draft_tokens=0)  # one token a step
             reqs = ([(filler * (long // len(filler) + 1))[:long]] if long else []) + (prompts * rows)[:rows - (long > 0)]
             for p in reqs:
                 engine.add(Request(p, max_new_tokens=steps + 100, sampling=GREEDY))

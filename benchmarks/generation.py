@@ -10,8 +10,11 @@ shared arena conversations, greedy, EOS or ``--max-new-tokens``) are answered by
   where it runs;
 - ``chattune``: ``chattune.engine.Engine`` with C slots (continuous batching).
 Tokens/s counts answer tokens (EOS and padding excluded), all systems timed in one
-process, one after the other. ``hf_single`` and C = 1 use the first 8 requests (4 with
-``--quick``: one sequence at a time is slow). Every method is also timed at C = 1 against plain
+process, taking turns: with ``--rounds R`` each system runs the workload R times,
+alternating which goes first, and the rates are over the summed tokens and seconds (this
+host's speed drifts by 20% and more within minutes: one round of ``--quick`` gave 1.26x to
+1.8x in one afternoon; ``--quick --rounds 4``, about 6 min, is the README's figure). ``hf_single`` and C = 1 use the
+first 8 requests (4 with ``--quick``: one sequence at a time is slow). Every method is also timed at C = 1 against plain
 ``generate`` (its own base model), bf16 weights against float32 at 16 sequences, with
 the greedy answers compared, and eval's workload (a LoRA run's tuned and base answers
 to the same prompts) with tuned and base rows in one forward per step (``Variant.route``)
@@ -26,6 +29,7 @@ ends, so nearly every answer runs to the limit and both systems do the same step
 row reports the answers' median and maximum length and the share at the limit.
 
     .venv/bin/python benchmarks/generation.py --quick     # < 3 min: SmolLM2, chat template, C = 16, 128 tokens
+    .venv/bin/python benchmarks/generation.py --quick --rounds 4   # the same, each system 4 times, alternating
     .venv/bin/python benchmarks/generation.py             # both models, both templates, C = 1, 4, 16, 64, 256 tokens
     .venv/bin/python benchmarks/generation.py --drafts    # ~2 min: one sequence, speculative steps off and on
 
@@ -117,10 +121,11 @@ def rate(tokens: int, seconds: float) -> float:
 
 
 def model_table(name: str, concurrencies: list[int], n_req: int, max_new: int, try_batch_api: bool,
-                single: int, template: str = "seed") -> dict:
+                single: int, template: str = "seed", rounds: int = 1) -> dict:
     model, tok = load(name)
     prompts = prompts_for(tok, max(n_req, max(concurrencies)), template=template)
-    out = {"model": name, "template": template, "requests": len(prompts), "max_new_tokens": max_new, "rows": []}
+    out = {"model": name, "template": template, "requests": len(prompts), "max_new_tokens": max_new, "rounds": rounds,
+           "rows": []}
     engine_run({"tuned": Variant(model)}, tok, prompts[:2], 2, 4)  # warm-up
     t, s, _ = hf_batched(model, tok, prompts[:single], 1, max_new)
     out["hf_single"] = rate(t, s)
@@ -128,10 +133,23 @@ def model_table(name: str, concurrencies: list[int], n_req: int, max_new: int, t
     for c in concurrencies:
         reqs = prompts[:single] if c == 1 else prompts[: max(n_req, c)]
         row = {"concurrent": c}
-        t, s, hf_out = hf_batched(model, tok, reqs, c, max_new)
-        row["hf_batched"] = rate(t, s)
-        t, s, ours = engine_run({"tuned": Variant(model)}, tok, reqs, c, max_new)
-        row["chattune"] = rate(t, s)
+        # The two systems take turns (hf, ours, ours, hf, ...) and their tokens and seconds are
+        # summed: a shared host's slow minutes then fall on both.
+        totals, per_round = {"hf": [0, 0.0], "ours": [0, 0.0]}, []
+        for r in range(rounds):
+            got = {}
+            for system in (("hf", "ours") if r % 2 == 0 else ("ours", "hf")):
+                if system == "hf":
+                    t, s, hf_out = hf_batched(model, tok, reqs, c, max_new)
+                else:
+                    t, s, ours = engine_run({"tuned": Variant(model)}, tok, reqs, c, max_new)
+                got[system] = rate(t, s)
+                totals[system][0] += t
+                totals[system][1] += s
+            per_round.append(round(got["ours"] / got["hf"], 2))
+        row["hf_batched"], row["chattune"] = rate(*totals["hf"]), rate(*totals["ours"])
+        if rounds > 1:
+            row["vs_hf_batched_by_round"] = per_round
         row["same_greedy_answers"] = sum(a == b for a, b in zip(ours, hf_out)) / len(reqs)
         if try_batch_api:
             try:
@@ -277,6 +295,9 @@ def main() -> None:
                     help="prompt templates, comma-separated (default: auto,seed; --quick: auto). auto is the "
                          "model's own chat template (answers end at their natural length), seed the seed's "
                          "'### Human:' format (an instruct model rarely ends those: answers run to the limit)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="turns each system takes per concurrency, alternating (default 1); 4 steadies the ratio "
+                         "on a shared host")
     ap.add_argument("--drafts", action="store_true",
                     help="only the speculative-steps check: one sequence, drafts off and on (about 2 min)")
     args = ap.parse_args()
@@ -295,7 +316,8 @@ def main() -> None:
     for name in models:
         for template in templates:
             table = model_table(name, conc, n_req, max_new, try_batch_api=not args.quick,
-                                single=4 if args.quick else 8, template=template)
+                                single=4 if args.quick else 8, template=template,
+                                rounds=args.rounds or 1)
             result["models"][f"{name}/{template}"] = table
         if not args.quick:
             table["bf16"] = bf16_check(name, n_req, max_new)
