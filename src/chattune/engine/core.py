@@ -56,9 +56,9 @@ from chattune.errors import UserError
 PREFILL_TOKENS = 2048  # padded prompt tokens per prefill forward
 # Mean padded cache positions per row above which a decode step attends row by row
 # (attention.decode_steps) instead of one masked sdpa over the padding. At 32 rows
-# (benchmarks/decode_rows.py --ragged) row by row ran 0.94x at ~230 padded positions
-# a row (the loop's overhead) and 1.34x-1.5x at ~475 and more.
-RAGGED_PADDING = 320
+# (benchmarks/decode_rows.py --ragged) row by row ran 0.83x-0.94x at ~250-475 padded
+# positions a row (the loop's overhead) and 1.39x-1.83x at ~970 and more.
+RAGGED_PADDING = 640
 
 
 @dataclass
