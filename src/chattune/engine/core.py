@@ -33,6 +33,11 @@ each row through its own adapter (PEFT's mixed adapter batches). A step reads th
 weights once instead of once per variant.
 - Requests with the same variant and prompt (eval's sampled and greedy answer to one
   prompt) share one prefill row.
+- Speculative steps: a row alone in its lane (chat, the last answer of a batch) feeds
+  up to ``draft_tokens`` more tokens drafted from its own history (``engine/lookup.py``)
+  and keeps those that equal what it would have chosen one step at a time.
+- On a CPU in float32 every linear layer runs on oneDNN's pre-packed weights
+  (``engine/packed.py``).
 """
 
 from __future__ import annotations
@@ -47,8 +52,9 @@ import torch
 
 from chattune import attention
 from chattune.engine import cache as kv
-from chattune.engine.packed import PackedLinears
+from chattune.engine.lane import Lane, Row
 from chattune.engine.lookup import DRAFT_TOKENS, Lookup
+from chattune.engine.packed import PackedLinears
 from chattune.engine.sampling import DEFAULTS, SamplingParams, choose, noise_seed, penalise
 from chattune.engine.text import TextTracker
 from chattune.errors import UserError
@@ -119,52 +125,6 @@ class PromptTooLong(UserError):
     pass
 
 
-@dataclass
-class _Row:
-    req: Request
-    text: TextTracker
-    seed: int | None  # the request's sampling seed (drawn when it has none); None: greedy
-    length: int  # cache positions of this row (virtual tokens + prompt + fed answer tokens)
-    last: int  # token to feed at the next step
-    budget: int
-    started: float
-    tokens: list[int] = field(default_factory=list)
-    done: str | None = None
-    cancelled: bool = False
-    lookup: Lookup | None = None  # its n-gram index, from its first speculative step on
-
-
-class _Lane:
-    """The rows of one variant and their shared, left-padded cache."""
-
-    def __init__(self):
-        self.rows: list[_Row] = []
-        self.cache = None  # cache.growing DynamicCache, (B, H, L, d) per layer
-        self.seen: torch.Tensor | None = None  # (B, V) generated tokens, for the repetition penalty
-
-    @property
-    def width(self) -> int:
-        return self.cache.get_seq_length() if self.rows else 0
-
-    def add(self, rows: list[_Row], cache, seen: torch.Tensor) -> None:
-        """Rows joining with their (left-padded) cache rows and (len(rows), V) ``seen``."""
-        if not self.rows:
-            self.rows, self.cache, self.seen = list(rows), kv.growing(cache), seen
-            return
-        kv.merge(self.cache, cache)
-        self.rows += rows
-        self.seen = torch.cat([self.seen, seen])
-
-    def drop(self, keep: list[int]) -> None:
-        self.rows = [self.rows[i] for i in keep]
-        if not self.rows:
-            self.cache = self.seen = None
-            return
-        index = torch.tensor(keep, device=self.seen.device)
-        kv.select(self.cache, index, max(r.length for r in self.rows))  # trims columns that are padding in every row
-        self.seen = self.seen.index_select(0, index)
-
-
 class Engine:
     """Decode many requests at once with continuous batching.
 
@@ -192,7 +152,7 @@ class Engine:
         self.context_size = _context_size(first.config)
         self.waiting: deque[Request] = deque()
         self.lane_of = {name: v.lane or name for name, v in variants.items()}
-        self.lanes = {lane: _Lane() for lane in self.lane_of.values()}
+        self.lanes = {lane: Lane() for lane in self.lane_of.values()}
         self.finished: list[Answer] = []
         by_model: dict[int, PackedLinears] = {}  # variants of one model share its packed weights
         for v in variants.values():
@@ -319,7 +279,7 @@ class Engine:
                 seed = None
                 if not req.sampling.greedy:
                     seed = req.sampling.seed if req.sampling.seed is not None else int(torch.randint(0, 2**62, (1,)))
-                row = _Row(req, TextTracker(self.tokenizer, req.stop, req.on_text), seed, length, -1, budget,
+                row = Row(req, TextTracker(self.tokenizer, req.stop, req.on_text), seed, length, -1, budget,
                            time.perf_counter())
                 seen = torch.zeros((1, logits.shape[-1]), dtype=torch.bool, device=self.device)
                 token = self._choose(logits[i:i + 1], [row], seen)[0]
@@ -337,7 +297,7 @@ class Engine:
             self.lanes[self.lane_of[name]].add(joining, rows, torch.cat(seen_rows))
 
     @torch.no_grad()
-    def _decode(self, lane: _Lane) -> None:
+    def _decode(self, lane: Lane) -> None:
         names = [r.req.variant for r in lane.rows]
         variant = self.variants[names[0]]
         mixed = variant.route is not None and len(set(names)) > 1
@@ -373,7 +333,7 @@ class Engine:
         if len(keep) < len(lane.rows):
             lane.drop(keep)
 
-    def _draft(self, row: _Row) -> list[int]:
+    def _draft(self, row: Row) -> list[int]:
         """Tokens to check along with ``row``'s next one: it is alone in its lane, so a forward
         of a few more tokens costs little more (``engine/lookup.py``)."""
         room = min(self.draft_tokens, row.budget - len(row.tokens) - 1)
@@ -385,7 +345,7 @@ class Engine:
             row.lookup = Lookup(row.req.prompt_ids + row.tokens)
         return row.lookup.draft(room) if row.lookup.wanted() else []
 
-    def _speculate(self, lane: _Lane, logits: torch.Tensor, draft: list[int]) -> None:
+    def _speculate(self, lane: Lane, logits: torch.Tensor, draft: list[int]) -> None:
         """Choose tokens from the (T, V) ``logits`` of [last, *draft] as one step each would,
         while the draft agrees; the first disagreement (or the token after a fully kept
         draft) ends the step. Every choice is a function of the row's history and its
@@ -409,7 +369,7 @@ class Engine:
         else:
             kv.crop(lane.cache, row.length)  # the cache positions of rejected draft tokens go
 
-    def _choose(self, logits: torch.Tensor, rows: list[_Row], seen: torch.Tensor) -> list[int]:
+    def _choose(self, logits: torch.Tensor, rows: list[Row], seen: torch.Tensor) -> list[int]:
         logits = logits.float()  # (B, V)
         if any(r.req.sampling.repetition_penalty != 1.0 for r in rows):
             penalty = torch.tensor([[r.req.sampling.repetition_penalty] for r in rows], device=logits.device)
@@ -417,7 +377,7 @@ class Engine:
         seeds = [None if r.seed is None else noise_seed(r.seed, len(r.tokens)) for r in rows]
         return choose(logits, [r.req.sampling for r in rows], seeds)
 
-    def _accept(self, row: _Row, token: int, seen: torch.Tensor) -> bool:
+    def _accept(self, row: Row, token: int, seen: torch.Tensor) -> bool:
         """Record ``token`` for ``row``; True when the row is finished."""
         if token == self.eos_id or token in row.req.end_ids:
             row.done = "eos"
@@ -436,7 +396,7 @@ class Engine:
             row.done = "length"
         return row.done is not None
 
-    def _finish(self, row: _Row) -> None:
+    def _finish(self, row: Row) -> None:
         text = row.text.finish() if row.done != "stop" else row.text.text
         self.finished.append(Answer(row.req.tag, text, row.tokens, row.done, len(row.req.prompt_ids),
                                     time.perf_counter() - row.started, row.req))

@@ -1,0 +1,62 @@
+"""The engine's rows (one answer being decoded) and lanes (the rows of one variant and
+their shared, left-padded KV cache)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from chattune.engine import cache as kv
+from chattune.engine.lookup import Lookup
+from chattune.engine.text import TextTracker
+
+if TYPE_CHECKING:
+    from chattune.engine.core import Request
+
+
+@dataclass
+class Row:
+    req: Request
+    text: TextTracker
+    seed: int | None  # the request's sampling seed (drawn when it has none); None: greedy
+    length: int  # cache positions of this row (virtual tokens + prompt + fed answer tokens)
+    last: int  # token to feed at the next step
+    budget: int
+    started: float
+    tokens: list[int] = field(default_factory=list)
+    done: str | None = None
+    cancelled: bool = False
+    lookup: Lookup | None = None  # its n-gram index, from its first speculative step on
+
+
+class Lane:
+    """The rows of one variant and their shared, left-padded cache."""
+
+    def __init__(self):
+        self.rows: list[Row] = []
+        self.cache = None  # cache.growing DynamicCache, (B, H, L, d) per layer
+        self.seen: torch.Tensor | None = None  # (B, V) generated tokens, for the repetition penalty
+
+    @property
+    def width(self) -> int:
+        return self.cache.get_seq_length() if self.rows else 0
+
+    def add(self, rows: list[Row], cache, seen: torch.Tensor) -> None:
+        """Rows joining with their (left-padded) cache rows and (len(rows), V) ``seen``."""
+        if not self.rows:
+            self.rows, self.cache, self.seen = list(rows), kv.growing(cache), seen
+            return
+        kv.merge(self.cache, cache)
+        self.rows += rows
+        self.seen = torch.cat([self.seen, seen])
+
+    def drop(self, keep: list[int]) -> None:
+        self.rows = [self.rows[i] for i in keep]
+        if not self.rows:
+            self.cache = self.seen = None
+            return
+        index = torch.tensor(keep, device=self.seen.device)
+        kv.select(self.cache, index, max(r.length for r in self.rows))  # trims columns that are padding in every row
+        self.seen = self.seen.index_select(0, index)
