@@ -147,6 +147,20 @@ def test_speculative_steps_give_the_answers_of_plain_steps(method, arch, tokeniz
     assert on.kept > 0 and on.drafted > on.kept  # drafts kept, and some rejected
 
 
+def test_speculative_steps_stop_at_the_context(tokenizer, monkeypatch):
+    """GPT-2 has 512 learned positions: drafts never feed a position past them."""
+    from chattune.engine import lookup
+
+    _, model, _ = tuned("lora", "gpt2", tokenizer)
+    monkeypatch.setattr(lookup.Lookup, "draft", lambda self, limit=4: [5] * limit)  # a draft at every step,
+    monkeypatch.setattr(lookup.Lookup, "wanted", lambda self: True)  # however many were rejected
+    prompt = [5, 9, 2, 7] * 126  # 504 tokens
+    engine = Engine({"tuned": Variant(model)}, tokenizer, eos_id=-1, max_batch=1, draft_tokens=4)
+    answer = engine.run([Request(prompt, max_new_tokens=50, sampling=GREEDY)])[0]
+    assert answer.finish_reason == "length" and len(answer.token_ids) == 512 - 504
+    assert engine.drafted > 0
+
+
 def test_lookup_drafts_what_followed_the_latest_occurrence():
     from chattune.engine.lookup import Lookup
 

@@ -14,10 +14,9 @@ How a row is decoded:
 - Prefill: the prompt goes through the *method's own* forward (PEFT's, with its virtual
   tokens or key/value prefix), exactly as in training. Its cache then holds ``n``
   positions, virtual ones included. The prompts admitted in one step go through together,
-  left-padded, in forwards of up to ``PREFILL_TOKENS`` padded tokens (sorted by length,
-  at most half of a forward padding); a prompt matrix of many rows runs the weight matmuls several
-  times faster per token than one short prompt at a time. Prompt and prefix tuning
-  prefill one prompt at a time (their virtual tokens sit in front of the padding).
+  left-padded, in forwards of up to ``PREFILL_TOKENS`` padded tokens (sorted by length, at
+  most half padding): a matrix of many rows runs the matmuls several times faster per
+  token. Prompt and prefix tuning prefill one prompt at a time (virtual tokens first).
 - Decode: the rows of one variant share a cache, left-padded to a common length ``L``.
   Each step feeds every row its last token at position ``n_i`` (its own cache length,
   which counts virtual tokens the way training did) with a mask that hides the padding;
@@ -33,11 +32,9 @@ each row through its own adapter (PEFT's mixed adapter batches). A step reads th
 weights once instead of once per variant.
 - Requests with the same variant and prompt (eval's sampled and greedy answer to one
   prompt) share one prefill row.
-- Speculative steps: a row alone in its lane (chat, the last answer of a batch) feeds
-  up to ``draft_tokens`` more tokens drafted from its own history (``engine/lookup.py``)
-  and keeps those that equal what it would have chosen one step at a time.
-- On a CPU in float32 every linear layer runs on oneDNN's pre-packed weights
-  (``engine/packed.py``).
+- Speculative steps: a row alone in its lane also feeds tokens drafted from its history
+  (``engine/lookup.py``) and keeps those it would have chosen one step at a time.
+- On a CPU in float32 linear layers run on oneDNN's pre-packed weights (``engine/packed.py``).
 """
 
 from __future__ import annotations
@@ -336,9 +333,7 @@ class Engine:
     def _draft(self, row: Row) -> list[int]:
         """Tokens to check along with ``row``'s next one: it is alone in its lane, so a forward
         of a few more tokens costs little more (``engine/lookup.py``)."""
-        room = min(self.draft_tokens, row.budget - len(row.tokens) - 1)
-        if self.context_size:
-            room = min(room, self.context_size - row.length - 1)  # positions past the context do not exist
+        room = min(self.draft_tokens, row.budget - len(row.tokens) - 1)  # the budget stops short of the context
         if room < 1:
             return []
         if row.lookup is None:
@@ -347,10 +342,8 @@ class Engine:
 
     def _speculate(self, lane: Lane, logits: torch.Tensor, draft: list[int]) -> None:
         """Choose tokens from the (T, V) ``logits`` of [last, *draft] as one step each would,
-        while the draft agrees; the first disagreement (or the token after a fully kept
-        draft) ends the step. Every choice is a function of the row's history and its
-        position (``sampling.choose``), so the answer is the one the engine gives without
-        drafts, up to float rounding, for greedy and sampled rows alike."""
+        while the draft agrees. A choice depends only on the row's history and position
+        (``sampling.choose``): the answer is the one without drafts, greedy or sampled."""
         row = lane.rows[0]
         kept = 0  # draft tokens confirmed: their cache positions stay
         for j in range(len(draft) + 1):
