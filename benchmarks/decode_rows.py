@@ -7,8 +7,8 @@
 For each row count B, B requests (first user turns of the shared arena conversations,
 seed template, greedy) are prefilled into one engine, a few steps warm up, then 10 decode
 steps are timed, once as the engine runs them and once with every linear layer on
-``F.linear`` (``ms_per_step_unpacked``), and so is the output projection alone (B hidden states by the vocabulary
-matrix), both as ``F.linear`` and as the engine runs it (oneDNN's packed linear,
+``F.linear`` (``ms_per_step_unpacked``), and so is the output projection alone (B hidden
+states by the vocabulary matrix), both as ``F.linear`` and as the engine runs it (oneDNN's packed linear,
 ``chattune/engine/packed.py``). Prints ms per step and tokens/s per row count, and as the
 last line one JSON object with the same numbers and ``tokens_per_s_vs_1`` (each row count
 over one row).
@@ -48,7 +48,8 @@ def _ms(f, n: int = 10) -> float:
 
 
 def _step_ms(model, tok, prompts: list[list[int]], rows: int, steps: int) -> tuple[float, Engine]:
-    """Seconds per decode step at ``rows`` rows, and the engine (still decoding)."""
+    """Seconds per decode step with ``rows`` rows (``prompts`` repeated to that many), and
+    the engine (still decoding)."""
     engine = Engine({"tuned": Variant(model)}, tok, tok.eos_token_id, max_batch=rows, draft_tokens=0)  # one token a step
     for p in (prompts * rows)[:rows]:
         engine.add(Request(p, max_new_tokens=steps + 100, sampling=GREEDY))
@@ -71,16 +72,8 @@ def ragged(model, tok, prompts: list[list[int]], steps: int, rows: int = 32) -> 
         timing = {}
         for label, threshold in (("masked", 10**9), ("ragged", 0)):
             core.RAGGED_PADDING = threshold
-            engine = Engine({"tuned": Variant(model)}, tok, tok.eos_token_id, max_batch=rows, draft_tokens=0)  # one token a step
             reqs = ([(filler * (long // len(filler) + 1))[:long]] if long else []) + (prompts * rows)[:rows - (long > 0)]
-            for p in reqs:
-                engine.add(Request(p, max_new_tokens=steps + 100, sampling=GREEDY))
-            for _ in range(3):
-                engine.step()
-            start = time.perf_counter()
-            for _ in range(steps):
-                engine.step()
-            timing[label] = round((time.perf_counter() - start) * 1000 / steps, 1)
+            timing[label] = round(_step_ms(model, tok, reqs, rows, steps)[0] * 1000, 1)
         timing["masked_vs_ragged"] = round(timing["masked"] / timing["ragged"], 2)
         res[long] = timing
         print(f"one {long}-token prompt among {rows - 1} short: masked {timing['masked']} ms a step, "

@@ -46,8 +46,9 @@ def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                       cu_seq_lens_q: torch.Tensor | None = None, kv_starts: list[int] | None = None,
                       **kwargs) -> tuple[torch.Tensor, None]:
-    """sdpa per conversation of a flat packed row; per row of a ragged decode step with
-    ``kv_starts``; transformers' sdpa otherwise."""
+    """sdpa per conversation of a flat packed row; for a decode step (one query token a
+    row), per row with ``kv_starts`` or grouped-query over the shared cache; transformers'
+    sdpa otherwise."""
     if query.shape[2] == 1:
         if kv_starts is not None:
             return _ragged_decode(query, key, value, kv_starts, scaling)
