@@ -186,8 +186,12 @@ def test_rows_whose_drafts_are_rejected_draft_less():
     assert index.wanted()
 
 
-def test_lora_tuned_and_base_rows_share_one_forward_per_step(tokenizer, prompts):
+def test_lora_tuned_and_base_rows_share_one_forward_per_step(tokenizer, prompts, monkeypatch):
     m, model, base = tuned("lora", "llama", tokenizer)
+    from peft.tuners.lora import LoraLayer
+
+    # rows are routed by per-row LoRA scaling (methods/peft_methods.route_lora), not PEFT's mixed batches
+    monkeypatch.setattr(LoraLayer, "_mixed_batch_forward", lambda *a, **k: pytest.fail("PEFT's mixed batch ran"))
     engine = Engine(variants_of(m, model, base), tokenizer, eos_id=-1, max_batch=4)
     for v in ("tuned", "base", "tuned", "base"):
         engine.add(Request(prompts[2], max_new_tokens=6, sampling=GREEDY, variant=v))

@@ -149,7 +149,7 @@ class Engine:
         self.context_size = _context_size(first.config)
         self.waiting: deque[Request] = deque()
         self.lane_of = {name: v.lane or name for name, v in variants.items()}
-        self.lanes = {lane: Lane() for lane in self.lane_of.values()}
+        self.lanes = {lane: Lane(max_batch) for lane in self.lane_of.values()}
         self.finished: list[Answer] = []
         by_model: dict[int, PackedLinears] = {}  # variants of one model share its packed weights
         for v in variants.values():

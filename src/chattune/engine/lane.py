@@ -34,7 +34,8 @@ class Row:
 class Lane:
     """The rows of one variant and their shared, left-padded cache."""
 
-    def __init__(self):
+    def __init__(self, capacity: int = 1):
+        self.capacity = capacity  # rows the cache buffers are made for (the engine's max_batch)
         self.rows: list[Row] = []
         self.cache = None  # cache.growing DynamicCache, (B, H, L, d) per layer
         self.seen: torch.Tensor | None = None  # (B, V) generated tokens, for the repetition penalty
@@ -46,7 +47,7 @@ class Lane:
     def add(self, rows: list[Row], cache, seen: torch.Tensor) -> None:
         """Rows joining with their (left-padded) cache rows and (len(rows), V) ``seen``."""
         if not self.rows:
-            self.rows, self.cache, self.seen = list(rows), kv.growing(cache), seen
+            self.rows, self.cache, self.seen = list(rows), kv.growing(cache, self.capacity), seen
             return
         kv.merge(self.cache, cache)
         self.rows += rows
@@ -57,6 +58,6 @@ class Lane:
         if not self.rows:
             self.cache = self.seen = None
             return
-        index = torch.tensor(keep, device=self.seen.device)
-        kv.select(self.cache, index, max(r.length for r in self.rows))  # trims columns that are padding in every row
-        self.seen = self.seen.index_select(0, index)
+        order = kv.keep(self.cache, keep, max(r.length for r in self.rows))  # trims columns that are padding in every row
+        self.rows = [self.rows[keep.index(i)] for i in order]
+        self.seen = self.seen.index_select(0, torch.tensor(order, device=self.seen.device))

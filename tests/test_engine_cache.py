@@ -1,0 +1,77 @@
+"""The lane's KV cache (engine/cache.py): rows join and leave in place and the cache
+always reads as its rows' keys and values, left-padded with zeros to the common width."""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from chattune.engine import cache as kv
+
+LAYERS, HEADS, DIM = 2, 3, 4
+
+
+def _cache(rows: list[torch.Tensor]) -> DynamicCache:
+    """A plain cache of ``rows`` (each (layers, 2, H, n, d)), left-padded to the widest."""
+    width = max(r.shape[-2] for r in rows)
+    out = DynamicCache()
+    out.layers = [kv.GrowingLayer(torch.stack([kv._left_pad(r[i, 0], width) for r in rows]),
+                                  torch.stack([kv._left_pad(r[i, 1], width) for r in rows])) for i in range(LAYERS)]
+    return out
+
+
+def _row(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(LAYERS, 2, HEADS, n, DIM, generator=torch.Generator().manual_seed(seed))
+
+
+def _assert_holds(cache: DynamicCache, rows: list[torch.Tensor]) -> None:
+    width = cache.get_seq_length()
+    for i, layer in enumerate(cache.layers):
+        want_k = torch.stack([kv._left_pad(r[i, 0], width) for r in rows])
+        want_v = torch.stack([kv._left_pad(r[i, 1], width) for r in rows])
+        assert torch.equal(layer.keys, want_k) and torch.equal(layer.values, want_v)
+
+
+def test_rows_join_and_leave_in_place_and_the_cache_reads_as_left_padded_rows():
+    rows = [_row(5, 0), _row(8, 1)]
+    cache = kv.growing(_cache(rows), rows=4)
+    buffers = [layer.kbuf for layer in cache.layers]
+    kv.merge(cache, _cache([_row(3, 2)]))  # narrower: written into a free row
+    rows.append(_row(3, 2))
+    _assert_holds(cache, rows)
+    assert [layer.kbuf for layer in cache.layers] == buffers  # no new buffer
+
+    order = kv.keep(cache, [0, 2], width=5)  # row 1 (the widest) leaves: the last row moves into its slot
+    assert order == [0, 2]
+    rows = [rows[0], rows[2]]
+    assert cache.get_seq_length() == 5  # three positions were padding in every remaining row
+    _assert_holds(cache, rows)
+
+    kv.merge(cache, _cache([_row(7, 3), _row(6, 4)]))  # wider, with room left of start: still in place
+    rows += [_row(7, 3), _row(6, 4)]
+    _assert_holds(cache, rows)
+    assert [layer.kbuf for layer in cache.layers] == buffers
+
+    for layer in cache.layers:  # new positions written in place
+        layer.update(torch.ones(4, HEADS, 1, DIM), torch.zeros(4, HEADS, 1, DIM))
+    rows = [torch.cat([r, torch.stack([torch.ones(HEADS, 1, DIM), torch.zeros(HEADS, 1, DIM)]).expand(LAYERS, -1, -1, -1, -1)],
+                      dim=-2) for r in rows]
+    _assert_holds(cache, rows)
+
+    kv.merge(cache, _cache([_row(20, 5)]))  # wider than the room and more rows than the buffer: rebuilt
+    rows.append(_row(20, 5))
+    _assert_holds(cache, rows)
+    assert cache.layers[0].kbuf is not buffers[0]
+
+
+def test_a_full_buffer_grows_and_keeps_the_rows():
+    rows = [_row(3, 0), _row(6, 1)]
+    cache = kv.growing(_cache(rows), rows=2)
+    for step in range(kv.SPARE + 5):
+        k = torch.full((2, HEADS, 1, DIM), float(step))
+        for layer in cache.layers:
+            layer.update(k, -k)
+        rows = [torch.cat([r, torch.stack([k[0], -k[0]]).expand(LAYERS, -1, -1, -1, -1)], dim=-2) for r in rows]
+    _assert_holds(cache, rows)
+    kv.crop(cache, 10)
+    assert cache.get_seq_length() == 10
