@@ -59,9 +59,9 @@ from chattune.errors import UserError
 PREFILL_TOKENS = 2048  # padded prompt tokens per prefill forward
 # Mean padded cache positions per row above which a decode step attends row by row
 # (attention.decode_steps) instead of one masked sdpa over the padding. At 32 rows
-# (benchmarks/decode_rows.py --ragged) row by row ran 0.83x-0.94x at ~250-475 padded
-# positions a row (the loop's overhead) and 1.39x-1.83x at ~970 and more.
-RAGGED_PADDING = 640
+# (benchmarks/decode_rows.py --ragged) row by row ran 0.92x at ~75 padded positions a row
+# (the loop's overhead), 1.03x at ~220, 1.15x at ~470 and 2.46x at ~1,950.
+RAGGED_PADDING = 192
 
 
 @dataclass
