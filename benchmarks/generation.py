@@ -32,6 +32,7 @@ row reports the answers' median and maximum length and the share at the limit.
     .venv/bin/python benchmarks/generation.py --quick --rounds 4   # the same, each system 4 times, alternating
     .venv/bin/python benchmarks/generation.py             # both models, both templates, C = 1, 4, 16, 64, 256 tokens
     .venv/bin/python benchmarks/generation.py --drafts    # ~2 min: one sequence, speculative steps off and on
+    .venv/bin/python benchmarks/generation.py --phases    # ~1 min: the --quick workload's engine run, phases timed
 
 The last line is one JSON object with ``vs_hf_batched_16`` and ``vs_hf_single``.
 """
@@ -287,6 +288,21 @@ def drafts_check(name: str, max_new: int, template: str = "auto", n_req: int = 4
     return out
 
 
+def phases(name: str, n_req: int, max_new: int, c: int = 16) -> dict:
+    """One engine run of the ``--quick`` workload with its phases timed (prefill, decode
+    steps by row count: ``eval_phases.py``'s timers)."""
+    import eval_phases
+
+    model, tok = load(name)
+    prompts = prompts_for(tok, n_req, template="auto")
+    engine_run({"tuned": Variant(model)}, tok, prompts[:2], 2, 4)  # warm-up
+    eval_phases.instrument()
+    tokens, secs, _ = engine_run({"tuned": Variant(model)}, tok, prompts, c, max_new)
+    out = eval_phases.report(secs)
+    out.update(tokens=tokens, tokens_per_s=rate(tokens, secs))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="SmolLM2 only, its chat template, 16 sequences, 128 tokens")
@@ -304,9 +320,14 @@ def main() -> None:
                          "on a shared host")
     ap.add_argument("--drafts", action="store_true",
                     help="only the speculative-steps check: one sequence, drafts off and on (about 2 min)")
+    ap.add_argument("--phases", action="store_true",
+                    help="only one engine run of the --quick workload with its phases timed (about 1 min)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.phases:
+        print(json.dumps({"threads": torch.get_num_threads(), "phases": phases("smollm2-135m", 32, 128)}))
+        return
     if args.drafts:
         result = {"threads": torch.get_num_threads(), "drafts": drafts_check("smollm2-135m", args.max_new_tokens or 128)}
         print(json.dumps(result))
