@@ -181,3 +181,21 @@ def test_kill_anywhere(tiny_dirs, tmp_path):
     """Every process is killed one point later than the one before, until one finishes."""
     kills = kill_anywhere(tiny_dirs, tmp_path, 4, range(1, 400))
     assert kills >= 20
+
+
+def test_a_second_signal_after_the_run_stopped_exits_without_a_traceback():
+    """The first Ctrl-C stopped the run and its block is left; a second one on the way out
+    (a tiny model's step is shorter than a double press) ends the process with one line."""
+    code = ("import os, signal, time\n"
+            "from chattune.runguard import Interrupts\n"
+            "with Interrupts() as stop:\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    time.sleep(0.1)\n"
+            "assert stop.signum == signal.SIGINT\n"
+            "os.kill(os.getpid(), signal.SIGINT)\n"
+            "time.sleep(5)\n"
+            "print('not stopped')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 130, proc.stderr
+    assert "SIGINT again: stopping now" in proc.stderr and "Traceback" not in proc.stderr
+    assert "not stopped" not in proc.stdout

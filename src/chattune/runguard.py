@@ -148,8 +148,17 @@ class Interrupts:
 
     def __exit__(self, *exc) -> None:
         for s, old in self._old.items():
-            signal.signal(s, old)
+            # After a first signal the run is stopping with its checkpoint written: a second
+            # one, on the way out, must not meet Python's default handler (a KeyboardInterrupt
+            # traceback from whatever finalizer runs then).
+            signal.signal(s, self._late if self.signum is not None else old)
         self._old = {}
+
+    def _late(self, signum, frame) -> None:
+        print(f"\nchattune: {signal.Signals(signum).name} again: stopping now; the last checkpoint is kept",
+              file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(128 + signum)
 
 
 DISK_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
