@@ -26,17 +26,17 @@ class GrowingLayer(DynamicLayer):
         super().__init__()
         self._set(keys, values, rows)
 
-    def _set(self, keys: torch.Tensor, values: torch.Tensor, rows: int | None = None, front: int = 0) -> None:
+    def _set(self, keys: torch.Tensor, values: torch.Tensor, rows: int | None = None) -> None:
         """Take (B, H, n, d) keys and values into a buffer of max(``rows``, B) rows, with
-        ``front`` free positions before them and spare ones after."""
+        spare positions after them."""
         b, h, n, d = keys.shape
         rows = max(rows or b, b)
-        size = front + n + max(SPARE, n // 4)
+        size = n + max(SPARE, n // 4)
         self.kbuf = keys.new_empty(rows, h, size, d)
         self.vbuf = values.new_empty(rows, h, size, values.shape[-1])
-        self.kbuf[:b, :, front:front + n] = keys
-        self.vbuf[:b, :, front:front + n] = values
-        self.b, self.start, self.end = b, front, front + n
+        self.kbuf[:b, :, :n] = keys
+        self.vbuf[:b, :, :n] = values
+        self.b, self.start, self.end = b, 0, n
         self.is_initialized, self.device, self.dtype = True, keys.device, keys.dtype
 
     @property
