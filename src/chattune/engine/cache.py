@@ -117,7 +117,8 @@ def keep(cache: DynamicCache, kept: list[int], width: int) -> list[int]:
     old index of each row)."""
     b = len(kept)
     order = list(range(b))
-    holes = [i for i in range(b) if i not in set(kept)]
+    staying = set(kept)
+    holes = [i for i in range(b) if i not in staying]
     movers = [i for i in kept if i >= b]
     for hole, mover in zip(holes, movers):
         order[hole] = mover

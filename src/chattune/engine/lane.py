@@ -54,10 +54,10 @@ class Lane:
         self.seen = torch.cat([self.seen, seen])
 
     def drop(self, keep: list[int]) -> None:
-        self.rows = [self.rows[i] for i in keep]
-        if not self.rows:
-            self.cache = self.seen = None
+        if not keep:
+            self.rows, self.cache, self.seen = [], None, None
             return
-        order = kv.keep(self.cache, keep, max(r.length for r in self.rows))  # trims columns that are padding in every row
-        self.rows = [self.rows[keep.index(i)] for i in order]
+        width = max(self.rows[i].length for i in keep)  # columns that are padding in every kept row go
+        order = kv.keep(self.cache, keep, width)
+        self.rows = [self.rows[i] for i in order]
         self.seen = self.seen.index_select(0, torch.tensor(order, device=self.seen.device))
