@@ -15,10 +15,10 @@ over one row).
 
 ``--ragged`` then times a batch of 32 rows where one prompt is long (256 to 2,048 tokens)
 and the others are the usual short ones, so the shared cache is mostly padding: decode
-steps with the padding masked (one sdpa per layer over every position) against attention
-row by row on each row's own positions (``chattune.attention.decode_steps``), for the
-ratio ``masked_ms / ragged_ms`` per long length. The engine switches per step by
-``RAGGED_PADDING`` (mean padded positions per row).
+steps with the padding masked (one sdpa per layer over every position), with attention
+row by row on each row's own positions, and as the engine plans them (runs of rows,
+``chattune.attention.plan_runs``), for the ratios ``masked_vs_planned`` and
+``row_by_row_vs_planned`` per long length.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import generation  # noqa: E402
 import torch  # noqa: E402
 
 from chattune.engine import GREEDY, Engine, Request, Variant  # noqa: E402
-from chattune.engine.core import RAGGED_PADDING as RAGGED_DEFAULT  # noqa: E402
+from chattune import attention  # noqa: E402
 from chattune.engine import packed  # noqa: E402
 
 
@@ -62,23 +62,23 @@ def _step_ms(model, tok, prompts: list[list[int]], rows: int, steps: int) -> tup
 
 
 def ragged(model, tok, prompts: list[list[int]], steps: int, rows: int = 32) -> dict:
-    from chattune.engine import core
-
     filler = [t for p in prompts for t in p]
     res = {}
     lengths = sorted(map(len, prompts[:rows]))
     print(f"short prompts: {lengths[0]} to {lengths[-1]} tokens, median {lengths[len(lengths) // 2]}", flush=True)
+    costs = attention.CALL_COST, attention.ALONE_COST
     for long in (0, 256, 512, 1024, 2048):  # 0: the short prompts alone
         timing = {}
-        for label, threshold in (("masked", 10**9), ("ragged", 0)):
-            core.RAGGED_PADDING = threshold
+        for label, cost in (("masked", (10**12, 1.0)), ("row_by_row", (0, 1.0)), ("planned", costs)):
+            attention.CALL_COST, attention.ALONE_COST = cost
             reqs = ([(filler * (long // len(filler) + 1))[:long]] if long else []) + (prompts * rows)[:rows - (long > 0)]
             timing[label] = round(_step_ms(model, tok, reqs, rows, steps)[0] * 1000, 1)
-        timing["masked_vs_ragged"] = round(timing["masked"] / timing["ragged"], 2)
+        attention.CALL_COST, attention.ALONE_COST = costs
+        timing["masked_vs_planned"] = round(timing["masked"] / timing["planned"], 2)
+        timing["row_by_row_vs_planned"] = round(timing["row_by_row"] / timing["planned"], 2)
         res[long] = timing
         print(f"one {long}-token prompt among {rows - 1} short: masked {timing['masked']} ms a step, "
-              f"row by row {timing['ragged']} ms ({timing['masked_vs_ragged']}x)", flush=True)
-    core.RAGGED_PADDING = RAGGED_DEFAULT
+              f"row by row {timing['row_by_row']} ms, planned runs {timing['planned']} ms", flush=True)
     return res
 
 
@@ -88,7 +88,7 @@ def main() -> None:
     ap.add_argument("--rows", default="1,4,16,32,64")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--profile", action="store_true", help="torch.profiler over 20 steps at 16 rows")
-    ap.add_argument("--ragged", action="store_true", help="one long prompt among 31 short: masked vs per-row attention")
+    ap.add_argument("--ragged", action="store_true", help="one long prompt among 31 short: masked, row by row and planned attention")
     args = ap.parse_args()
     model, tok = generation.load(args.model)
     rows = [int(r) for r in args.rows.split(",")]

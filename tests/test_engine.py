@@ -67,20 +67,25 @@ def variants_of(m, model, base) -> dict[str, Variant]:
     return method_variants(m, model, virtual)
 
 
-@pytest.mark.parametrize("ragged", [False, True], ids=["masked", "ragged"])
+RUNS = {"planned": None, "row_by_row": (0, 1.0), "one_run": (10**12, 1.0)}  # attention.plan_runs' costs
+
+
+@pytest.mark.parametrize("runs", list(RUNS))
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("method", METHODS)
-def test_batched_greedy_equals_sequential_greedy(method, arch, ragged, tokenizer, prompts, monkeypatch):
-    """Also with every padded decode step attending row by row (attention.decode_steps),
-    and with every linear layer on the packed kernel (engine/packed.py), tiny ones included."""
+def test_batched_greedy_equals_sequential_greedy(method, arch, runs, tokenizer, prompts, monkeypatch):
+    """Also with padded decode steps attending in runs of rows as planned, row by row, or
+    all rows in one masked run (attention.plan_runs), and with every linear layer on the
+    packed kernel (engine/packed.py), tiny ones included."""
     from chattune import attention
-    from chattune.engine import core, packed
+    from chattune.engine import packed
 
-    calls, packed_calls, masked_calls = [], [], []
-    per_row, packed_forward, masked = attention._ragged_decode, packed._forward, attention._decode
-    monkeypatch.setattr(attention, "_ragged_decode", lambda *a: calls.append(1) or per_row(*a))
-    monkeypatch.setattr(attention, "_decode", lambda *a: masked_calls.append(a[3] is not None) or masked(*a))
-    monkeypatch.setattr(core, "RAGGED_PADDING", 0 if ragged else 10**9)
+    calls, packed_calls = [], []
+    in_runs, packed_forward = attention._runs_decode, packed._forward
+    monkeypatch.setattr(attention, "_runs_decode", lambda *a: calls.append(a[3]) or in_runs(*a))
+    if RUNS[runs]:
+        monkeypatch.setattr(attention, "CALL_COST", RUNS[runs][0])
+        monkeypatch.setattr(attention, "ALONE_COST", RUNS[runs][1])
     monkeypatch.setattr(packed, "MIN_ELEMENTS", 0)
     monkeypatch.setattr(packed, "_forward", lambda *a: packed_calls.append(1) or packed_forward(*a))
     m, model, base = tuned(method, arch, tokenizer)
@@ -104,8 +109,12 @@ def test_batched_greedy_equals_sequential_greedy(method, arch, ragged, tokenizer
         assert a.finish_reason == "length"
     # the base rows really are the base model
     assert [a.token_ids for a in answers[6:]] == [greedy_reference(base, p, n) for p, n in zip(prompts, lengths)]
-    assert bool(calls) == ragged
-    assert any(masked_calls) != ragged  # padded steps ran masked (grouped-query, no repeat_kv) or row by row
+    assert calls  # padded steps ran in runs
+    sizes = [r.end - r.first for step in calls for r in step]
+    if runs == "row_by_row":
+        assert set(sizes) == {1}
+    if runs == "one_run":
+        assert all(len(step) == 1 for step in calls) and any(step[0].mask is not None for step in calls)
     assert packed_calls
 
 
@@ -349,6 +358,38 @@ def test_decode_attention_equals_transformers_sdpa(heads):
         want, _ = sdpa_attention_forward(module, query, key, value, m, scaling=0.3)
         got, _ = attention.segment_attention(module, query, key, value, m, scaling=0.3)
         torch.testing.assert_close(got, want)
+
+    # in runs of rows (attention.plan_runs), whatever the padded positions hold
+    starts = [0, 2, 5]
+    garbage_key, garbage_value = key.clone(), value.clone()
+    for i, s in enumerate(starts):
+        garbage_key[i, :, :s], garbage_value[i, :, :s] = 1e4, -1e4
+    want, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
+    for cost in (0, 10**9, attention.CALL_COST):  # row by row, one masked run, as planned
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(attention, "CALL_COST", cost)
+            runs = attention.plan_runs(starts, 7)
+        got, _ = attention.segment_attention(module, query, garbage_key, garbage_value, None, scaling=0.3, kv_runs=runs)
+        torch.testing.assert_close(got, want)
+
+
+def test_plan_runs_groups_rows_of_like_length_and_leaves_a_long_row_out():
+    from chattune import attention
+
+    # rows 0-3 share a prompt (one start), row 4 is 1,500 positions longer, rows 5-6 close
+    starts = [1500, 1500, 1500, 1500, 0, 1480, 1490]
+    runs = attention.plan_runs(starts, 2000)
+    assert [(r.first, r.end) for r in runs] == [(0, 4), (4, 5), (5, 7)]
+    assert runs[0].mask is None and runs[0].start == 1500  # one start: nothing to mask
+    assert runs[1].start == 0 and runs[1].mask is None
+    assert runs[2].start == 1480 and runs[2].mask[:, 0, 0, :].sum(-1).tolist() == [520, 510]  # the real positions
+    # without a call's overhead rows go one by one; with a huge one, all in one run
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(attention, "CALL_COST", 0)
+        mp.setattr(attention, "ALONE_COST", 1.0)
+        assert len(attention.plan_runs(starts, 2000)) == 7
+        mp.setattr(attention, "CALL_COST", 10**9)
+        assert [(r.first, r.end) for r in attention.plan_runs(starts, 2000)] == [(0, 7)]
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -20,18 +20,22 @@ The decoding engine's steps (one query token per row) run through the same funct
   padded batch: a copy of the whole cache per layer per step. Here a row's H query heads
   are read as H/Hkv queries against each of its Hkv key heads (flash-attention's
   "pack GQA"), one sdpa over the cache as it is.
-- Ragged steps: the rows share a cache left-padded to the longest row, and a masked sdpa
-  reads and scores every padded position of every row. One 2,500-token Arena-Hard prompt
-  among 31 short ones makes each step read ~31 x 2,500 padded positions of keys and
-  values in every layer. Given ``kv_starts`` (each row's first real cache position),
-  attention runs per row on its own positions only; the engine passes it when padding
-  dominates.
+- Ragged steps: the rows share a cache left-padded to the longest row, and one masked
+  sdpa reads and scores every padded position of every row. One 2,500-token Arena-Hard
+  prompt among 31 short ones makes each step read ~31 x 2,500 padded positions of keys
+  and values in every layer. Given ``kv_runs`` (``plan_runs``: the rows cut into
+  contiguous runs, each with the earliest first real position of its rows), attention
+  runs one sdpa per run over that run's positions only, masking what padding is left.
+  One call per row would skip all padding, but a call costs its overhead, and one row
+  alone gives torch's CPU kernel only its Hkv heads to share among the cores (3 heads on
+  2 cores: ~1.4x the time per position of rows in a batch); ``plan_runs`` weighs the
+  padding a run reads against the calls it saves.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -40,18 +44,33 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 NAME = "chattune_sdpa"
+# plan_runs' costs, in row-positions (the time one row spends on one cache position in a
+# batched call, ~70-100 ns here): a call's own overhead (slicing, dispatch), and the factor
+# for a row alone. Fitted on one sdpa call at 1-32 rows and 64-2,048 positions
+# (benchmarks/decode_rows.py --ragged shows the whole steps).
+CALL_COST = 250
+ALONE_COST = 1.35
+
+
+class Run(NamedTuple):
+    """Rows ``first:end`` of a decode step, attending positions ``start:`` under ``mask``."""
+
+    first: int
+    end: int
+    start: int
+    mask: torch.Tensor | None  # (n, 1, 1, L - start) bool, True where a row's real positions are; None: all are
 
 
 def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                      cu_seq_lens_q: torch.Tensor | None = None, kv_starts: list[int] | None = None,
+                      cu_seq_lens_q: torch.Tensor | None = None, kv_runs: list[Run] | None = None,
                       **kwargs) -> tuple[torch.Tensor, None]:
     """sdpa per conversation of a flat packed row; for a decode step (one query token a
-    row), per row with ``kv_starts`` or grouped-query over the shared cache; transformers'
-    sdpa otherwise."""
+    row), per run of rows with ``kv_runs`` or grouped-query over the shared cache;
+    transformers' sdpa otherwise."""
     if query.shape[2] == 1:
-        if kv_starts is not None:
-            return _ragged_decode(query, key, value, kv_starts, scaling)
+        if kv_runs is not None:
+            return _runs_decode(query, key, value, kv_runs, scaling)
         if attention_mask is None or attention_mask.shape[1] == 1:  # a mask shared by the heads
             return _decode(query, key, value, attention_mask, scaling)
     if cu_seq_lens_q is None or query.shape[2] == 1:
@@ -89,23 +108,55 @@ def _decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: t
     return out.view(b, h, 1, d).transpose(1, 2).contiguous(), None  # (B, 1, H, D)
 
 
-def _ragged_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, starts: list[int],
-                   scaling: float | None) -> tuple[torch.Tensor, None]:
-    """One query token per row against that row's cache positions ``starts[i]:`` only."""
-    _, h, _, d = query.shape  # (B, H, 1, D); key, value (B, Hkv, L, D)
+def plan_runs(starts: list[int], length: int, device: torch.device | str = "cpu") -> list[Run]:
+    """Cut a decode step's rows (in cache order; ``starts[i]``: row i's first real position
+    of ``length``) into contiguous runs of least cost: each run reads every row's positions
+    from the run's earliest start, plus ``CALL_COST``; a row alone costs ``ALONE_COST``
+    times its positions. Dynamic programming over where runs end, O(rows^2)."""
+    n = len(starts)
+    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
+    for end in range(1, n + 1):
+        low = length
+        for first in range(end - 1, -1, -1):
+            low = min(low, starts[first])
+            rows = end - first
+            cost = best[first] + CALL_COST + rows * (length - low) * (ALONE_COST if rows == 1 else 1.0)
+            if cost < best[end]:
+                best[end], cut[end] = cost, first
+    bounds, end = [], n
+    while end:
+        bounds.append((cut[end], end))
+        end = cut[end]
+    runs = []
+    for first, end in reversed(bounds):
+        own = starts[first:end]
+        start, mask = min(own), None
+        if max(own) > start:
+            mask = torch.arange(start, length, device=device)[None, :] >= torch.tensor(own, device=device)[:, None]
+            mask = mask[:, None, None, :]  # (n, 1, 1, L - start)
+        runs.append(Run(first, end, start, mask))
+    return runs
+
+
+def _runs_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, runs: list[Run],
+                 scaling: float | None) -> tuple[torch.Tensor, None]:
+    """One query token per row; one sdpa per run of rows over the run's positions only."""
+    b, h, _, d = query.shape  # (B, H, 1, D); key, value (B, Hkv, L, D)
     hkv = key.shape[1]
     # grouped-query attention without repeat_kv: a row's H query heads as (Hkv, H/Hkv)
     # queries against its Hkv key heads (transformers' pack_gqa)
-    parts = [F.scaled_dot_product_attention(query[i].view(1, hkv, h // hkv, d), key[i:i + 1, :, s:],
-                                            value[i:i + 1, :, s:], scale=scaling).view(1, h, 1, d)
-             for i, s in enumerate(starts)]
-    return torch.cat(parts).transpose(1, 2).contiguous(), None  # (B, 1, H, D)
+    query = query.view(b, hkv, h // hkv, d)
+    parts = [F.scaled_dot_product_attention(query[r.first:r.end], key[r.first:r.end, :, r.start:],
+                                            value[r.first:r.end, :, r.start:], attn_mask=r.mask, scale=scaling)
+             for r in runs]  # (n, Hkv, H/Hkv, D) each
+    out = torch.cat(parts) if len(parts) > 1 else parts[0]
+    return out.view(b, h, 1, d).transpose(1, 2).contiguous(), None  # (B, 1, H, D)
 
 
 @contextlib.contextmanager
 def decode_steps(model: torch.nn.Module) -> Iterator[bool]:
     """Within the block ``model`` attends through ``segment_attention`` if it runs sdpa
-    (its decode steps then take ``kv_starts``); yields whether it does. Eager and
+    (its decode steps then take ``kv_runs``); yields whether it does. Eager and
     flash-attention models are left as they are (they take the padding mask)."""
     config = model.config
     old = config._attn_implementation

@@ -19,9 +19,8 @@ How a row is decoded:
   token. Prompt and prefix tuning prefill one prompt at a time (virtual tokens first).
 - Decode: the rows of one variant share a cache, left-padded to a common length ``L``.
   Each step feeds every row its last token at position ``n_i`` (its own cache length,
-  which counts virtual tokens the way training did) with a mask that hides the padding;
-  when padding dominates (one long prompt among short ones), attention instead runs row
-  by row on each row's own positions (``attention.decode_steps``).
+  which counts virtual tokens the way training did); attention skips the padding, in runs
+  of rows with similar lengths (``attention.plan_runs``), or masks it (eager attention).
 - Continuous batching: a finished row leaves between steps (its cache rows are dropped
   and the common padding trimmed) and a waiting request is prefilled into the free slot.
 Rows that use different variants (tuned, base, another run) have a cache each and one
@@ -57,11 +56,6 @@ from chattune.engine.text import TextTracker
 from chattune.errors import UserError
 
 PREFILL_TOKENS = 2048  # padded prompt tokens per prefill forward
-# Mean padded cache positions per row above which a decode step attends row by row
-# (attention.decode_steps) instead of one masked sdpa over the padding. At 32 rows
-# (benchmarks/decode_rows.py --ragged) row by row ran 0.92x at ~75 padded positions a row
-# (the loop's overhead), 1.03x at ~220, 1.15x at ~470 and 2.46x at ~1,950.
-RAGGED_PADDING = 192
 
 
 @dataclass
@@ -308,8 +302,8 @@ class Engine:
         positions = lengths[:, None] + torch.arange(ids.shape[1], device=self.device)  # (B, T)
         mask, extra = None, {}
         with context(), self._autocast(), self.packed[names[0]](), attention.decode_steps(variant.inner) as ours:
-            if ours and padded > RAGGED_PADDING * len(names):  # on average more padding per row than it pays to skip
-                extra["kv_starts"] = pad.tolist()
+            if ours and padded:  # attend in runs of rows, each over its own positions (attention.plan_runs)
+                extra["kv_runs"] = attention.plan_runs(pad.tolist(), width + 1, self.device)
             elif padded:
                 mask = (torch.arange(width + 1, device=self.device)[None, :] >= pad[:, None]).long()  # (B, L+1)
             out = variant.inner(input_ids=ids, position_ids=positions, attention_mask=mask,
