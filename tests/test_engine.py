@@ -114,7 +114,7 @@ def test_batched_greedy_equals_sequential_greedy(method, arch, runs, tokenizer, 
     if runs == "row_by_row":
         assert set(sizes) == {1}
     if runs == "one_run":
-        assert all(len(step) == 1 for step in calls) and any(step[0].mask is not None for step in calls)
+        assert all(len(step) == 1 for step in calls) and any(step[0].keep is not None for step in calls)
     assert packed_calls
 
 
@@ -380,9 +380,9 @@ def test_plan_runs_groups_rows_of_like_length_and_leaves_a_long_row_out():
     starts = [1500, 1500, 1500, 1500, 0, 1480, 1490]
     runs = attention.plan_runs(starts, 2000)
     assert [(r.first, r.end) for r in runs] == [(0, 4), (4, 5), (5, 7)]
-    assert runs[0].mask is None and runs[0].start == 1500  # one start: nothing to mask
-    assert runs[1].start == 0 and runs[1].mask is None
-    assert runs[2].start == 1480 and runs[2].mask[:, 0, 0, :].sum(-1).tolist() == [520, 510]  # the real positions
+    assert runs[0].keep is None and runs[0].start == 1500  # one start: nothing to mask
+    assert runs[1].start == 0 and runs[1].keep is None
+    assert runs[2].start == 1480 and runs[2].keep[:, 0, 0, :].sum(-1).tolist() == [520, 510]  # the real positions
     # without a call's overhead rows go one by one; with a huge one, all in one run
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(attention, "CALL_COST", 0)

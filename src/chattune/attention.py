@@ -35,7 +35,8 @@ The decoding engine's steps (one query token per row) run through the same funct
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, NamedTuple
+from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -52,13 +53,26 @@ CALL_COST = 250
 ALONE_COST = 1.35
 
 
-class Run(NamedTuple):
-    """Rows ``first:end`` of a decode step, attending positions ``start:`` under ``mask``."""
+@dataclass
+class Run:
+    """Rows ``first:end`` of a decode step, attending positions ``start:``; ``keep`` (n, 1, 1,
+    L - start) is True where a row's real positions are, None when all are."""
 
     first: int
     end: int
     start: int
-    mask: torch.Tensor | None  # (n, 1, 1, L - start) bool, True where a row's real positions are; None: all are
+    keep: torch.Tensor | None
+    _masks: dict = field(default_factory=dict, repr=False)
+
+    def mask(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """``keep`` as an additive mask, made once for all layers: sdpa would turn a boolean
+        mask into one at every call (a ``where`` per layer and run)."""
+        if self.keep is None:
+            return None
+        if dtype not in self._masks:
+            self._masks[dtype] = torch.zeros(self.keep.shape, dtype=dtype, device=self.keep.device).masked_fill_(
+                ~self.keep, float("-inf"))
+        return self._masks[dtype]
 
 
 def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -147,7 +161,7 @@ def _runs_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ru
     # queries against its Hkv key heads (transformers' pack_gqa)
     query = query.view(b, hkv, h // hkv, d)
     parts = [F.scaled_dot_product_attention(query[r.first:r.end], key[r.first:r.end, :, r.start:],
-                                            value[r.first:r.end, :, r.start:], attn_mask=r.mask, scale=scaling)
+                                            value[r.first:r.end, :, r.start:], attn_mask=r.mask(query.dtype), scale=scaling)
              for r in runs]  # (n, Hkv, H/Hkv, D) each
     out = torch.cat(parts) if len(parts) > 1 else parts[0]
     return out.view(b, h, 1, d).transpose(1, 2).contiguous(), None  # (B, 1, H, D)
