@@ -208,15 +208,60 @@ def test_lora_tuned_and_base_rows_share_one_forward_per_step(tokenizer, prompts,
     hook = model.get_base_model().register_forward_pre_hook(lambda mod, args, kw: calls.append(kw["input_ids"].shape),
                                                             with_kwargs=True)
     try:
-        steps = 0
+        steps, answers = 0, []
         while engine.has_work():
-            engine.step()
+            answers += engine.step()
             steps += 1
     finally:
         hook.remove()
     decode = [shape for shape in calls if shape[1] == 1]
     assert len(decode) == steps and all(shape[0] == 4 for shape in decode)  # one 4-row forward per step
-    assert len(calls) - len(decode) == 2  # one prefill per (variant, prompt)
+    assert [shape[0] for shape in calls if shape[1] > 1] == [2]  # one prefill: a row per (variant, prompt)
+    for a in answers:
+        assert a.token_ids == greedy_reference(model if a.request.variant == "tuned" else base, prompts[2], 6)
+
+
+def test_a_prompts_requests_join_together_and_lanes_prefill_their_variants_together(tokenizer, prompts):
+    """A prompt's requests queued one after another are admitted together (up to max_batch
+    / 8 rows over max_batch) and prefill in one forward, tuned and base rows of different
+    lengths too; the answers are those of one request at a time."""
+    m, model, base = tuned("lora", "llama", tokenizer)
+    engine = Engine(variants_of(m, model, base), tokenizer, eos_id=-1, max_batch=8)
+    calls = []
+    hook = model.get_base_model().register_forward_pre_hook(
+        lambda mod, args, kw: calls.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+    reqs = [Request(p, max_new_tokens=20 - 16 * (i == 0), sampling=GREEDY) for i, p in enumerate(prompts[:2] * 4)]
+    reqs += [Request(prompts[3], max_new_tokens=5, sampling=GREEDY, variant=v) for v in ("tuned", "base", "tuned")]
+    reqs += [Request(prompts[1], max_new_tokens=5, sampling=GREEDY, variant="base")]
+    try:
+        for r in reqs:
+            engine.add(r)
+        active, answers = [], []
+        while engine.has_work():
+            answers += engine.step()
+            active.append(engine.active)
+    finally:
+        hook.remove()
+    assert max(active) == 9  # one row over max_batch: two requests of prompts[3] joined in one step
+    prefills = [shape for shape in calls if shape[1] > 1]
+    # the first 8 (prompts of 5 and 10 tokens): a row per prompt; when the 4-token answer
+    # ends, tuned and base prompts[3] (20 tokens) in one forward; then one slot at a time
+    assert prefills == [(2, 10), (2, 20), (1, 20), (1, 10)]
+    # tuned and base rows of different lengths in one left-padded forward
+    engine = Engine(variants_of(m, model, base), tokenizer, eos_id=-1, max_batch=8)
+    calls.clear()
+    hook = model.get_base_model().register_forward_pre_hook(
+        lambda mod, args, kw: calls.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+    try:
+        answers += engine.run([Request(prompts[0], max_new_tokens=5, sampling=GREEDY),
+                               Request(prompts[3], max_new_tokens=5, sampling=GREEDY, variant="base")])
+    finally:
+        hook.remove()
+    assert [shape for shape in calls if shape[1] > 1] == [(2, 20)]
+    for a in answers:
+        want = greedy_reference(model if a.request.variant == "tuned" else base, a.request.prompt_ids,
+                                a.request.max_new_tokens)
+        assert a.token_ids == want
 
 
 def test_prompts_admitted_together_prefill_together_at_most_half_padding(tokenizer, prompts):

@@ -164,6 +164,32 @@ def test_eval_on_arena_hard_file_writes_every_answer_and_paired_numbers(run_dir,
     assert isinstance(line["choices"][0]["turns"][0]["content"], str)
 
 
+def test_eval_floor_counts_the_work_the_eval_did(run_dir, tmp_path):
+    """benchmarks/eval_floor.py on a real eval's output: its counts, never its timings."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import eval_floor
+
+    from chattune.generate import load_run
+
+    out = evaluate(run_dir, tmp_path / "e", "--prompts", str(ARENA_HARD))
+    run = load_run(run_dir)
+    work = eval_floor.count(run, tmp_path / "e")
+    answers = out["answers"]
+    assert work["answers"] == 16 and work["models"] == ["base", "tuned"]
+    assert work["decode_steps"] == sum(max(a["tokens"] - 1, 0) for a in answers)
+    assert len(work["prompt_tokens"]) == 4 * 2  # (model, prompt): sampled and greedy share the prefill
+    assert len(work["reference_tokens"]) == 3 * 2  # q-sky has no reference answer
+    shape = eval_floor.model_shape(run.model)
+    c = run.model.get_base_model().config
+    assert shape["cache_bytes_per_position"] == 2 * c.n_layer * c.n_embd * 4
+    assert shape["linear_weights"] > 0 and shape["head_weights"] == c.vocab_size * c.n_embd
+    phases = eval_floor.floor(work, shape, flops=1e9, bandwidth=1e9)
+    assert all(v > 0 for v in phases.values()), phases
+    assert eval_floor.floor(work, shape, flops=2e9, bandwidth=1e9)["prefill"] < phases["prefill"]
+
+
 def test_sampled_answers_are_reproducible_and_differ_from_greedy(run_dir, tmp_path):
     args = ("--prompts", str(MTBENCH), "--no-base", "--max-new-tokens", "12")
     a = evaluate(run_dir, tmp_path / "a", *args)["answers"]

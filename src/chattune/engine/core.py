@@ -30,7 +30,11 @@ only in the low-rank terms, so they decode in one forward whose ``route`` sends
 each row through its own adapter (PEFT's mixed adapter batches). A step reads the
 weights once instead of once per variant.
 - Requests with the same variant and prompt (eval's sampled and greedy answer to one
-  prompt) share one prefill row.
+  prompt) share one prefill row; rows of variants that share a lane prefill in the same
+  forwards, under ``route``. A request's followers in the queue with the same prompt are
+  admitted with it, up to ``max_batch / 8`` rows over ``max_batch``: admitted one at a time
+  as slots free up, eval's four requests of a prompt took up to four prefills, and their
+  rows, of different lengths, could not attend in one run.
 - Speculative steps: a row alone in its lane also feeds tokens drafted from its history
   (``engine/lookup.py``) and keeps those it would have chosen one step at a time.
 - On a CPU in float32 linear layers run on oneDNN's pre-packed weights (``engine/packed.py``).
@@ -56,6 +60,9 @@ from chattune.engine.text import TextTracker
 from chattune.errors import UserError
 
 PREFILL_TOKENS = 2048  # padded prompt tokens per prefill forward
+# Rows over max_batch that a prompt's further requests may take to join with it: an
+# eighth of max_batch, at most 3 (none below 8 rows: a batch of one stays one).
+GROUP_SLACK = 3
 
 
 @dataclass
@@ -69,9 +76,9 @@ class Variant:
     model: torch.nn.Module
     context: Callable[[], ContextManager] = contextlib.nullcontext
     virtual_tokens: int = 0  # cache positions the method adds in front of every prompt
-    # Variants naming the same ``lane`` (and the same ``model``) decode their rows in one
-    # forward, under ``route(names)``, names being each row's variant; prefill still runs
-    # under the row's own ``context``.
+    # Variants naming the same ``lane`` (and the same ``model``) decode and prefill their
+    # rows in one forward, under ``route(names)``, names being each row's variant; a forward
+    # of one variant's rows runs under its ``context``.
     lane: str | None = None
     route: Callable[[list[str]], ContextManager] | None = None
 
@@ -137,13 +144,14 @@ class Engine:
             raise UserError("draft_tokens must be >= 0")
         self.variants, self.tokenizer, self.eos_id = variants, tokenizer, eos_id
         self.max_batch, self.dtype, self.draft_tokens = max_batch, dtype, draft_tokens
+        self.slack = min(GROUP_SLACK, max_batch // 8)
         self.drafted = self.kept = 0  # draft tokens proposed and confirmed, over the engine's life
         first = next(iter(variants.values())).model
         self.device = next(first.parameters()).device
         self.context_size = _context_size(first.config)
         self.waiting: deque[Request] = deque()
         self.lane_of = {name: v.lane or name for name, v in variants.items()}
-        self.lanes = {lane: Lane(max_batch) for lane in self.lane_of.values()}
+        self.lanes = {lane: Lane(max_batch + self.slack) for lane in self.lane_of.values()}
         self.finished: list[Answer] = []
         by_model: dict[int, PackedLinears] = {}  # variants of one model share its packed weights
         for v in variants.values():
@@ -196,6 +204,12 @@ class Engine:
         admitted = []
         while self.waiting and self.active + len(admitted) < self.max_batch:
             admitted.append(self.waiting.popleft())
+        # the requests queued right after with the same prompt (eval's sampled and greedy
+        # answers, tuned and base) come along, up to ``slack`` rows over max_batch: they
+        # share prefill forwards, and rows of one length attend in one run
+        while (admitted and self.waiting and self.waiting[0].prompt_ids == admitted[-1].prompt_ids
+               and self.active + len(admitted) < self.max_batch + self.slack):
+            admitted.append(self.waiting.popleft())
         if admitted:
             self._admit(admitted)
         for lane in self.lanes.values():
@@ -220,13 +234,14 @@ class Engine:
         return torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
 
     def _admit(self, reqs: list[Request]) -> None:
-        """Prefill ``reqs``: one row per distinct (variant, prompt), in length-sorted chunks."""
-        by_variant: dict[str, dict[tuple, list[Request]]] = {}
+        """Prefill ``reqs``: one row per distinct (variant, prompt), in length-sorted chunks.
+        Variants that share a lane (LoRA's tuned and base) prefill in the same forwards."""
+        by_lane: dict[str, dict[tuple, list[Request]]] = {}
         for r in reqs:
-            by_variant.setdefault(r.variant, {}).setdefault(tuple(r.prompt_ids), []).append(r)
-        for name, by_prompt in by_variant.items():
-            groups = sorted(by_prompt.values(), key=lambda g: len(g[0].prompt_ids))
-            if self.variants[name].virtual_tokens:
+            by_lane.setdefault(self.lane_of[r.variant], {}).setdefault((r.variant, tuple(r.prompt_ids)), []).append(r)
+        for by_key in by_lane.values():
+            groups = sorted(by_key.values(), key=lambda g: len(g[0].prompt_ids))
+            if any(self.variants[g[0].variant].virtual_tokens for g in groups):
                 chunks = [[g] for g in groups]
             else:
                 chunks, real = [[]], 0
@@ -239,12 +254,15 @@ class Engine:
                     chunks[-1].append(g)
                     real += n
             for chunk in chunks:
-                self._prefill(name, chunk)
+                self._prefill(chunk)
 
     @torch.no_grad()
-    def _prefill(self, name: str, groups: list[list[Request]]) -> None:
-        """One forward over the prompts of ``groups`` (the requests of a group share a prompt)."""
-        variant = self.variants[name]
+    def _prefill(self, groups: list[list[Request]]) -> None:
+        """One forward over the prompts of ``groups`` (the requests of a group share a variant
+        and a prompt; the groups, one lane)."""
+        names = [g[0].variant for g in groups]
+        variant = self.variants[names[0]]
+        context = (lambda: variant.route(names)) if len(set(names)) > 1 else variant.context
         prompts = [g[0].prompt_ids for g in groups]
         width = max(map(len, prompts))
         ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=self.device)  # (P, T)
@@ -252,14 +270,14 @@ class Engine:
         extra = {}
         if len(prompts) > 1:  # left padding: number the real tokens from 0, as alone
             extra["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
-        with variant.context(), self._autocast(), self.packed[name]():
+        with context(), self._autocast(), self.packed[names[0]]():
             variant.model.eval()
             out = variant.model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1, **extra)
         cache = out.past_key_values
         virtual = cache.get_seq_length() - width  # positions prompt or prefix tuning put in front
         if virtual and len(groups) > 1:  # a variant that did not declare its virtual tokens: one by one
             for g in groups:
-                self._prefill(name, [g])
+                self._prefill([g])
             return
         logits = out.logits[:, -1, :]  # (P, V)
         joining, index, seen_rows = [], [], []
@@ -285,7 +303,7 @@ class Engine:
         if joining:  # the lane copies these rows into its own cache: requests never share storage
             same = index == list(range(len(groups)))  # one row per prompt, none finished: take the cache as is
             rows = cache if same else kv.rows(cache, torch.tensor(index, device=self.device))
-            self.lanes[self.lane_of[name]].add(joining, rows, torch.cat(seen_rows))
+            self.lanes[self.lane_of[names[0]]].add(joining, rows, torch.cat(seen_rows))
 
     @torch.no_grad()
     def _decode(self, lane: Lane) -> None:
