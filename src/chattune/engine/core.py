@@ -253,7 +253,7 @@ class Engine:
                         real = 0
                     chunks[-1].append(g)
                     real += n
-            for chunk in chunks:
+            for chunk in reversed(chunks):  # widest first: narrower prompts join its cache without a rebuild
                 self._prefill(chunk)
 
     @torch.no_grad()
