@@ -221,6 +221,30 @@ def test_lora_tuned_and_base_rows_share_one_forward_per_step(tokenizer, prompts,
         assert a.token_ids == greedy_reference(model if a.request.variant == "tuned" else base, prompts[2], 6)
 
 
+def test_lora_on_embeddings_routes_tuned_and_base_rows_through_peft_mixed_batches(tokenizer, prompts, monkeypatch):
+    """A LoRA layer that is not a plain linear (here the embeddings) makes route_lora fall
+    back to PEFT's mixed batches, in prefill and decode steps alike."""
+    from peft.tuners.lora import LoraLayer
+
+    mixed, inner = [], LoraLayer._mixed_batch_forward
+    monkeypatch.setattr(LoraLayer, "_mixed_batch_forward",
+                        lambda self, x, *a, **k: mixed.append(x.shape[1]) or inner(self, x, *a, **k))
+    m = get_method("lora")
+    base = make_model("llama", len(tokenizer)).eval()
+    model = m.apply(copy.deepcopy(base), m.config_cls(target_modules=["q_proj", "v_proj", "embed_tokens"]), tokenizer)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.eval()
+    engine = Engine(variants_of(m, model, base), tokenizer, eos_id=-1, max_batch=8)
+    reqs = [Request(p, max_new_tokens=5, sampling=GREEDY, variant=v) for p in prompts[:3] for v in ("tuned", "base")]
+    for r, a in zip(reqs, engine.run(reqs)):
+        assert a.token_ids == greedy_reference(model if r.variant == "tuned" else base, r.prompt_ids, 5), r.variant
+    assert 1 in mixed and max(mixed) == len(prompts[2])  # decode steps, and one prefill of all six rows
+
+
 def test_a_prompts_requests_join_together_and_lanes_prefill_their_variants_together(tokenizer, prompts):
     """A prompt's requests queued one after another are admitted together (up to max_batch
     / 8 rows over max_batch) and prefill in one forward, tuned and base rows of different

@@ -130,7 +130,9 @@ class Engine:
         variants: name -> ``Variant``; a request picks one by ``Request.variant``.
         tokenizer: turns answer tokens into text (stop strings, streaming).
         eos_id: the token that ends an answer.
-        max_batch: rows decoded together (all variants); further requests wait.
+        max_batch: rows decoded together (all variants); further requests wait, but for
+            the requests queued right after one with the same prompt, which join with it
+            (up to ``max_batch // 8`` rows over, at most ``GROUP_SLACK``).
         dtype: autocast dtype for the forward passes (None: the weights' own).
         draft_tokens: tokens a row alone in its lane proposes from its own history and
             checks in the same forward (``engine/lookup.py``); 0 turns this off.
