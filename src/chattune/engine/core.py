@@ -45,7 +45,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, ContextManager
 
 import torch
@@ -55,7 +55,8 @@ from chattune.engine import cache as kv
 from chattune.engine.lane import Lane, Row
 from chattune.engine.lookup import DRAFT_TOKENS, Lookup
 from chattune.engine.packed import PackedLinears
-from chattune.engine.sampling import DEFAULTS, SamplingParams, choose, noise_seed, penalise
+from chattune.engine.requests import Answer, PromptTooLong, Request
+from chattune.engine.sampling import choose, noise_seed, penalise
 from chattune.engine.text import TextTracker
 from chattune.errors import UserError
 
@@ -85,42 +86,6 @@ class Variant:
     @property
     def inner(self) -> torch.nn.Module:
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-
-
-@dataclass
-class Request:
-    prompt_ids: list[int]
-    max_new_tokens: int = 512
-    sampling: SamplingParams = DEFAULTS
-    variant: str = "tuned"
-    stop: list[str] = field(default_factory=list)
-    on_text: Callable[[str], None] | None = None  # streamed text deltas (stop strings held back)
-    tag: object = None  # the caller's own id, returned with the answer
-    # Token ids beyond EOS: ``end_ids`` close the answer as EOS does (a chat template's
-    # end-of-turn token when it is not the tokenizer's EOS); ``stop_ids`` end it as a stop
-    # string does (a template's turn-opening special token, invisible in the decoded text).
-    end_ids: tuple[int, ...] = ()
-    stop_ids: tuple[int, ...] = ()
-
-
-@dataclass
-class Answer:
-    tag: object
-    text: str
-    token_ids: list[int]  # generated tokens, EOS excluded
-    finish_reason: str  # "eos" | "stop" (a stop string or stop id) | "length" | "cancelled"
-    prompt_tokens: int
-    seconds: float = 0.0
-    request: Request | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def stopped(self) -> bool:
-        """Ended by the model itself with EOS."""
-        return self.finish_reason == "eos"
-
-
-class PromptTooLong(UserError):
-    pass
 
 
 class Engine:

@@ -13,7 +13,7 @@ from chattune.engine.lookup import Lookup
 from chattune.engine.text import TextTracker
 
 if TYPE_CHECKING:
-    from chattune.engine.core import Request
+    from chattune.engine.requests import Request
 
 
 @dataclass

@@ -1,0 +1,119 @@
+"""The decoding engine's parts on their own: prompt-lookup drafts (engine/lookup.py),
+decode attention in runs of rows (chattune/attention.py) and the packed linear layers
+(engine/packed.py). tests/test_engine.py checks them inside whole decodes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tiny import make_model, make_tokenizer
+
+ARCHS = ["gpt2", "llama"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+def test_lookup_drafts_what_followed_the_latest_occurrence():
+    from chattune.engine.lookup import Lookup
+
+    index = Lookup([1, 2, 3, 4, 9, 2, 3, 5, 6, 7])
+    assert index.draft() == []  # 7 never occurred before
+    index.add(2)
+    index.add(3)
+    assert index.draft(3) == [5, 6, 7]  # "2 3" last continued with 5 (not the older 4)
+    index.add(4)
+    assert index.draft(2) == [9, 2]  # "2 3 4" beats the shorter suffixes
+    assert Lookup([5]).draft() == []
+
+
+def test_rows_whose_drafts_are_rejected_draft_less():
+    from chattune.engine import lookup
+
+    index = lookup.Lookup([1, 2, 3])
+    assert index.wanted()
+    for _ in range(3):
+        index.checked(4, 0)
+    assert [index.wanted() for _ in range(lookup.PROBE_EVERY)] == [False] * (lookup.PROBE_EVERY - 1) + [True]  # a probe
+    index.checked(4, 4)  # the probe was kept: drafts again
+    assert index.wanted()
+
+
+@pytest.mark.parametrize("heads", [(4, 2), (4, 4)], ids=["gqa", "mha"])
+def test_decode_attention_equals_transformers_sdpa(heads):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from chattune import attention
+
+    h, hkv = heads
+    torch.manual_seed(0)
+    query, key, value = torch.randn(3, h, 1, 8), torch.randn(3, hkv, 7, 8), torch.randn(3, hkv, 7, 8)
+    mask = (torch.arange(7)[None, :] >= torch.tensor([0, 2, 5])[:, None])[:, None, None, :]  # left padding (B, 1, 1, L)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal, module.training = h // hkv, True, False
+    for m in (mask, None):
+        want, _ = sdpa_attention_forward(module, query, key, value, m, scaling=0.3)
+        got, _ = attention.segment_attention(module, query, key, value, m, scaling=0.3)
+        torch.testing.assert_close(got, want)
+
+    # in runs of rows (attention.plan_runs), whatever the padded positions hold
+    starts = [0, 2, 5]
+    garbage_key, garbage_value = key.clone(), value.clone()
+    for i, s in enumerate(starts):
+        garbage_key[i, :, :s], garbage_value[i, :, :s] = 1e4, -1e4
+    want, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
+    for cost in (0, 10**9, attention.CALL_COST):  # row by row, one masked run, as planned
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(attention, "CALL_COST", cost)
+            runs = attention.plan_runs(starts, 7)
+        got, _ = attention.segment_attention(module, query, garbage_key, garbage_value, None, scaling=0.3, kv_runs=runs)
+        torch.testing.assert_close(got, want)
+
+
+def test_plan_runs_groups_rows_of_like_length_and_leaves_a_long_row_out():
+    from chattune import attention
+
+    # rows 0-3 share a prompt (one start), row 4 is 1,500 positions longer, rows 5-6 close
+    starts = [1500, 1500, 1500, 1500, 0, 1480, 1490]
+    runs = attention.plan_runs(starts, 2000)
+    assert [(r.first, r.end) for r in runs] == [(0, 4), (4, 5), (5, 7)]
+    assert runs[0].keep is None and runs[0].start == 1500  # one start: nothing to mask
+    assert runs[1].start == 0 and runs[1].keep is None
+    assert runs[2].start == 1480 and runs[2].keep[:, 0, 0, :].sum(-1).tolist() == [520, 510]  # the real positions
+    # without a call's overhead rows go one by one; with a huge one, all in one run
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(attention, "CALL_COST", 0)
+        mp.setattr(attention, "ALONE_COST", 1.0)
+        assert len(attention.plan_runs(starts, 2000)) == 7
+        mp.setattr(attention, "CALL_COST", 10**9)
+        assert [(r.first, r.end) for r in attention.plan_runs(starts, 2000)] == [(0, 7)]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_packed_linears_give_the_linear_outputs_and_follow_weight_changes(arch, tokenizer, monkeypatch):
+    from chattune.engine import packed
+
+    monkeypatch.setattr(packed, "MIN_ELEMENTS", 0)
+    model = make_model(arch, len(tokenizer)).eval()
+    pack = packed.PackedLinears(model)
+    head = model.get_output_embeddings()
+    assert head in pack.modules and len(pack.modules) > 1
+    ids = torch.tensor([[5, 9, 2, 7]])
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        with pack():
+            assert all("forward" in m.__dict__ for m in pack.modules)  # the swap happened: packed kernels ran
+            got = model(input_ids=ids).logits
+        assert not any("forward" in m.__dict__ for m in pack.modules)  # restored
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        head.weight.mul_(2)  # trained in place between two evaluations: packed again
+        with pack():
+            got = model(input_ids=ids).logits
+        torch.testing.assert_close(got, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    with pack():  # gradients on (training): the plain layers, untouched
+        assert not any("forward" in m.__dict__ for m in pack.modules)
+    monkeypatch.setattr(packed, "MIN_ELEMENTS", 10**9)  # every weight below the size that pays
+    assert packed.PackedLinears(model).modules == []
