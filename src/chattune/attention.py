@@ -161,7 +161,8 @@ def _runs_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ru
     # queries against its Hkv key heads (transformers' pack_gqa)
     query = query.view(b, hkv, h // hkv, d)
     parts = [F.scaled_dot_product_attention(query[r.first:r.end], key[r.first:r.end, :, r.start:],
-                                            value[r.first:r.end, :, r.start:], attn_mask=r.mask(query.dtype), scale=scaling)
+                                            value[r.first:r.end, :, r.start:], attn_mask=r.mask(query.dtype),
+                                            scale=scaling)
              for r in runs]  # (n, Hkv, H/Hkv, D) each
     out = torch.cat(parts) if len(parts) > 1 else parts[0]
     return out.view(b, h, 1, d).transpose(1, 2).contiguous(), None  # (B, 1, H, D)

@@ -200,6 +200,14 @@ class Engine:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
 
+    def _context(self, names: list[str]) -> ContextManager:
+        """What a forward over rows of variants ``names`` (one lane) runs under: the lane's
+        ``route`` when they mix variants, else the variant's own ``context``."""
+        variant = self.variants[names[0]]
+        if variant.route is not None and len(set(names)) > 1:
+            return variant.route(names)
+        return variant.context()
+
     def _admit(self, reqs: list[Request]) -> None:
         """Prefill ``reqs``: one row per distinct (variant, prompt), in length-sorted chunks.
         Variants that share a lane (LoRA's tuned and base) prefill in the same forwards."""
@@ -229,7 +237,6 @@ class Engine:
         and a prompt; the groups, one lane)."""
         names = [g[0].variant for g in groups]
         variant = self.variants[names[0]]
-        context = (lambda: variant.route(names)) if len(set(names)) > 1 else variant.context
         prompts = [g[0].prompt_ids for g in groups]
         width = max(map(len, prompts))
         ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=self.device)  # (P, T)
@@ -237,7 +244,7 @@ class Engine:
         extra = {}
         if len(prompts) > 1:  # left padding: number the real tokens from 0, as alone
             extra["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
-        with context(), self._autocast(), self.packed[names[0]]():
+        with self._context(names), self._autocast(), self.packed[names[0]]():
             variant.model.eval()
             out = variant.model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1, **extra)
         cache = out.past_key_values
@@ -276,8 +283,6 @@ class Engine:
     def _decode(self, lane: Lane) -> None:
         names = [r.req.variant for r in lane.rows]
         variant = self.variants[names[0]]
-        mixed = variant.route is not None and len(set(names)) > 1
-        context = (lambda: variant.route(names)) if mixed else variant.context
         width = lane.width
         lengths = torch.tensor([r.length for r in lane.rows], device=self.device)
         pad = width - lengths  # (B,)
@@ -286,7 +291,8 @@ class Engine:
         ids = torch.tensor([[r.last] + draft for r in lane.rows], device=self.device)  # (B, T), T = 1 + drafted
         positions = lengths[:, None] + torch.arange(ids.shape[1], device=self.device)  # (B, T)
         mask, extra = None, {}
-        with context(), self._autocast(), self.packed[names[0]](), attention.decode_steps(variant.inner) as ours:
+        with self._context(names), self._autocast(), self.packed[names[0]](), \
+                attention.decode_steps(variant.inner) as ours:
             if ours and padded:  # attend in runs of rows, each over its own positions (attention.plan_runs)
                 extra["kv_runs"] = attention.plan_runs(pad.tolist(), width + 1, self.device)
             elif padded:
