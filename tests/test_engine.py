@@ -110,40 +110,46 @@ def test_batched_greedy_equals_sequential_greedy(method, arch, runs, tokenizer, 
     # the base rows really are the base model
     assert [a.token_ids for a in answers[6:]] == [greedy_reference(base, p, n) for p, n in zip(prompts, lengths)]
     assert calls  # padded steps ran in runs
-    sizes = [r.end - r.first for step in calls for r in step]
+    sizes = [r.end - r.first for step in calls for r in step.runs]
     if runs == "row_by_row":
         assert set(sizes) == {1}
     if runs == "one_run":
-        assert all(len(step) == 1 for step in calls) and any(step[0].keep is not None for step in calls)
+        assert all(len(step.runs) == 1 for step in calls) and any(step.runs[0].keep is not None for step in calls)
+    # rows checked drafts in steps with other rows (engine/lookup.py)
+    assert any(step.scatter is not None and len(step.scatter) > max(r.tokens for r in step.runs) for step in calls)
     assert packed_calls
 
 
+@pytest.mark.parametrize("max_batch", [1, 4], ids=["alone", "batched"])
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("method", METHODS)
-def test_speculative_steps_give_the_answers_of_plain_steps(method, arch, tokenizer, prompts, monkeypatch):
-    """A row alone in its lane checks tokens drafted from its history (engine/lookup.py) in
-    one forward; greedy and seeded sampled answers are those of one token a step, with the
-    n-gram drafts and with drafts that are partly right (the keep-then-reject path)."""
+def test_speculative_steps_give_the_answers_of_plain_steps(method, arch, max_batch, tokenizer, prompts, monkeypatch):
+    """Rows check tokens drafted from their history (engine/lookup.py) in the step's forward,
+    alone or among other rows (which then lag behind or run ahead of each other); greedy
+    and seeded sampled answers are those of one token a step, with the n-gram drafts and
+    with drafts that are partly right (the keep-then-reject path)."""
     from chattune.engine import lookup
 
     m, model, base = tuned(method, arch, tokenizer)
     sampled = SamplingParams(temperature=0.8, top_p=0.9, top_k=20, repetition_penalty=1.1, seed=5)
-    reqs = [(p, s) for p in prompts[:3] for s in (GREEDY, sampled)]
+    variants = ["tuned", "base"] if max_batch > 1 else ["tuned"]  # batched: tuned and base rows of one lane too
+    reqs = [(p, s, v) for p in prompts[:3] for s in (GREEDY, sampled) for v in variants]
 
     def answers(draft_tokens: int) -> tuple[list[list[int]], Engine]:
-        engine = Engine(variants_of(m, model, base), tokenizer, eos_id=-1, max_batch=1, draft_tokens=draft_tokens)
-        got = engine.run([Request(p, max_new_tokens=24, sampling=s) for p, s in reqs])
+        engine = Engine(variants_of(m, model, base), tokenizer, eos_id=-1, max_batch=max_batch, draft_tokens=draft_tokens)
+        got = engine.run([Request(p, max_new_tokens=24, sampling=s, variant=v) for p, s, v in reqs])
         return [a.token_ids for a in got], engine
 
     plain, off = answers(0)
     assert off.drafted == 0
     assert answers(4)[0] == plain  # the n-gram drafts (tiny random models rarely repeat: mostly rejected)
-    for (p, _), got in zip(reqs[::2], plain[::2]):
-        assert got == greedy_reference(model, p, 24)
+    for (p, s, v), got in zip(reqs, plain):
+        if s is GREEDY and v == "tuned":
+            assert got == greedy_reference(model, p, 24)
 
-    def partly_right(self, limit=4):  # the plain answer's next tokens, the last one wrong at every other step
+    def partly_right(self, limit=4):  # a plain answer's next tokens, the last one wrong at every other step
         h = self.history
-        for (p, _), answer in zip(reqs, plain):
+        for (p, _, _), answer in zip(reqs, plain):
             done = h[len(p):]
             if h[:len(p)] == p and answer[:len(done)] == done:
                 future = answer[len(done):len(done) + limit]
@@ -162,7 +168,7 @@ def test_speculative_steps_stop_at_the_context(tokenizer, monkeypatch):
 
     _, model, _ = tuned("lora", "gpt2", tokenizer)
     monkeypatch.setattr(lookup.Lookup, "draft", lambda self, limit=4: [5] * limit)  # a draft at every step,
-    monkeypatch.setattr(lookup.Lookup, "wanted", lambda self: True)  # however many were rejected
+    monkeypatch.setattr(lookup.Lookup, "wanted", lambda self, limit=4: limit)  # however many were rejected
     prompt = [5, 9, 2, 7] * 126  # 504 tokens
     engine = Engine({"tuned": Variant(model)}, tokenizer, eos_id=-1, max_batch=1, draft_tokens=4)
     answer = engine.run([Request(prompt, max_new_tokens=50, sampling=GREEDY)])[0]

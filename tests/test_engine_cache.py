@@ -41,7 +41,7 @@ def test_rows_join_and_leave_in_place_and_the_cache_reads_as_left_padded_rows():
     _assert_holds(cache, rows)
     assert [layer.kbuf for layer in cache.layers] == buffers  # no new buffer
 
-    order = kv.keep(cache, [0, 2], width=5)  # row 1 (the widest) leaves: the last row moves into its slot
+    order = kv.keep(cache, [0, 2], 3, 8)  # row 1 (the widest) leaves: the last row moves into its slot
     assert order == [0, 2]
     rows = [rows[0], rows[2]]
     assert cache.get_seq_length() == 5  # three positions were padding in every remaining row
@@ -73,5 +73,21 @@ def test_a_full_buffer_grows_and_keeps_the_rows():
             layer.update(k, -k)
         rows = [torch.cat([r, torch.stack([k[0], -k[0]]).expand(LAYERS, -1, -1, -1, -1)], dim=-2) for r in rows]
     _assert_holds(cache, rows)
-    kv.crop(cache, 10)
-    assert cache.get_seq_length() == 10
+
+
+def test_a_step_of_flat_tokens_writes_each_where_its_row_ends():
+    """Rows that fed several tokens (checked drafts) write them after their own last
+    position; ``advance`` then moves the end by the furthest kept."""
+    rows = [_row(4, 0), _row(4, 1)]
+    cache = kv.growing(_cache(rows), rows=2)
+    # row 0 feeds 3 tokens, row 1 (lagging one column behind) 1
+    writes = kv.Writes(torch.tensor([0, 0, 0, 1]), torch.tensor([0, 1, 2, -1]), reach=3)
+    kv.write(cache, writes)
+    new = torch.arange(4.0)[:, None, None, None].expand(4, HEADS, 1, DIM)
+    for layer in cache.layers:
+        keys, values = layer.update(new, -new)
+        assert keys.shape[-2] == 4 + 3  # the view reaches the furthest token
+        assert torch.equal(keys[0, :, 4:7], new[:3, :, 0].transpose(0, 1)) and torch.equal(keys[1, :, 3], new[3, :, 0])
+        assert torch.equal(values[1, :, 3], -new[3, :, 0])
+    kv.advance(cache, 2)  # row 0 kept 1 of its 2 drafts
+    assert cache.get_seq_length() == 6 and all(layer.writes is None for layer in cache.layers)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tiny import make_model, make_tokenizer
 
@@ -28,18 +29,23 @@ def test_lookup_drafts_what_followed_the_latest_occurrence():
     index.add(4)
     assert index.draft(2) == [9, 2]  # "2 3 4" beats the shorter suffixes
     assert Lookup([5]).draft() == []
+    # a continuation that reaches the end goes on copying itself: a loop predicts itself
+    assert Lookup([4, 5, 6, 5, 6]).draft(5) == [5, 6, 5, 6, 5]
+    assert Lookup([3, 9, 9]).draft(3) == [9, 9, 9]
 
 
-def test_rows_whose_drafts_are_rejected_draft_less():
+def test_rows_whose_drafts_are_rejected_draft_less_and_runs_of_kept_ones_draft_more():
     from chattune.engine import lookup
 
     index = lookup.Lookup([1, 2, 3])
-    assert index.wanted()
+    assert index.wanted() == lookup.MIN_DRAFT
     for _ in range(3):
-        index.checked(4, 0)
-    assert [index.wanted() for _ in range(lookup.PROBE_EVERY)] == [False] * (lookup.PROBE_EVERY - 1) + [True]  # a probe
-    index.checked(4, 4)  # the probe was kept: drafts again
-    assert index.wanted()
+        index.checked(2, 0)
+    assert [index.wanted() for _ in range(lookup.PROBE_EVERY)] == [0] * (lookup.PROBE_EVERY - 1) + [lookup.MIN_DRAFT]
+    index.checked(2, 2)  # the probe was kept: drafts again, more
+    assert index.wanted() == 5
+    index.checked(5, 5)
+    assert index.wanted() == lookup.DRAFT_TOKENS and index.wanted(3) == 3  # at most the limit
 
 
 @pytest.mark.parametrize("heads", [(4, 2), (4, 4)], ids=["gqa", "mha"])
@@ -68,9 +74,44 @@ def test_decode_attention_equals_transformers_sdpa(heads):
     for cost in (0, 10**9, attention.CALL_COST):  # row by row, one masked run, as planned
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(attention, "CALL_COST", cost)
-            runs = attention.plan_runs(starts, 7)
-        got, _ = attention.segment_attention(module, query, garbage_key, garbage_value, None, scaling=0.3, kv_runs=runs)
+            plan = attention.plan_runs(starts, [7] * 3)
+        got, _ = attention.segment_attention(module, query, garbage_key, garbage_value, None, scaling=0.3, kv_plan=plan)
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("cost", [0, 10**9, None], ids=["row_by_row", "one_run", "planned"])
+def test_flat_tokens_of_rows_feeding_several_attend_up_to_their_own_positions(cost):
+    """A step where rows check drafts: N flat tokens, rows ending apart (rows that kept fewer
+    drafts lag); each token sees its row's real positions up to its own, as sdpa of that
+    token alone over them would."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    from chattune import attention
+
+    h, hkv, d, width = 4, 2, 8, 12
+    counts, starts, ends = [1, 3, 2], [0, 4, 2], [9, 12, 7]  # row i's tokens: the last counts[i] of its positions
+    torch.manual_seed(0)
+    key, value = torch.randn(3, hkv, width, d), torch.randn(3, hkv, width, d)
+    for i, (s, e) in enumerate(zip(starts, ends)):  # outside a row's positions: garbage
+        key[i, :, :s], key[i, :, e:], value[i, :, :s], value[i, :, e:] = 1e4, -1e4, -1e4, 1e4
+    query = torch.randn(sum(counts), h, 1, d)
+    want, k = [], 0
+    for i, c in enumerate(counts):
+        for j in range(c):
+            own = ends[i] - c + j  # this token's position
+            keys, values = repeat_kv(key[i:i + 1, :, starts[i]:own + 1], h // hkv), repeat_kv(value[i:i + 1, :, starts[i]:own + 1], h // hkv)
+            want.append(F.scaled_dot_product_attention(query[k:k + 1], keys, values, scale=0.3).transpose(1, 2))
+            k += 1
+    want = torch.cat(want)  # (N, 1, H, D)
+    with pytest.MonkeyPatch.context() as mp:
+        if cost is not None:
+            mp.setattr(attention, "CALL_COST", cost)
+        plan = attention.plan_runs(starts, ends, tokens=counts)
+    assert len(plan.runs) == {0: 3, 10**9: 1, None: len(plan.runs)}[cost]
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal, module.training = h // hkv, True, False
+    got, _ = attention.segment_attention(module, query, key, value, None, scaling=0.3, kv_plan=plan)
+    torch.testing.assert_close(got, want)
 
 
 def test_plan_runs_groups_rows_of_like_length_and_leaves_a_long_row_out():
@@ -78,7 +119,8 @@ def test_plan_runs_groups_rows_of_like_length_and_leaves_a_long_row_out():
 
     # rows 0-3 share a prompt (one start), row 4 is 1,500 positions longer, rows 5-6 close
     starts = [1500, 1500, 1500, 1500, 0, 1480, 1490]
-    runs = attention.plan_runs(starts, 2000)
+    ends = [2000] * 7
+    runs = attention.plan_runs(starts, ends).runs
     assert [(r.first, r.end) for r in runs] == [(0, 4), (4, 5), (5, 7)]
     assert runs[0].keep is None and runs[0].start == 1500  # one start: nothing to mask
     assert runs[1].start == 0 and runs[1].keep is None
@@ -87,9 +129,16 @@ def test_plan_runs_groups_rows_of_like_length_and_leaves_a_long_row_out():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(attention, "CALL_COST", 0)
         mp.setattr(attention, "ALONE_COST", 1.0)
-        assert len(attention.plan_runs(starts, 2000)) == 7
+        assert len(attention.plan_runs(starts, ends).runs) == 7
         mp.setattr(attention, "CALL_COST", 10**9)
-        assert [(r.first, r.end) for r in attention.plan_runs(starts, 2000)] == [(0, 7)]
+        assert [(r.first, r.end) for r in attention.plan_runs(starts, ends).runs] == [(0, 7)]
+    # a row that ends 1,000 positions early (it lags: kept fewer drafts) is a run of its own
+    runs = attention.plan_runs([0] * 5, [2000, 2000, 1000, 2000, 2000]).runs
+    assert [(r.first, r.end) for r in runs] == [(0, 2), (2, 3), (3, 5)] and runs[1].stop == 1000
+    # a row checking 8 drafts does not make its neighbours read as 9 queries each
+    plan = attention.plan_runs([0] * 5, [2000] * 5, tokens=[1, 1, 9, 1, 1])
+    assert [(r.first, r.end, r.tokens) for r in plan.runs] == [(0, 2, 1), (2, 3, 9), (3, 5, 1)]
+    assert plan.scatter.tolist() == [0, 1] + list(range(2, 11)) + [11, 12]
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -23,13 +23,20 @@ The decoding engine's steps (one query token per row) run through the same funct
 - Ragged steps: the rows share a cache left-padded to the longest row, and one masked
   sdpa reads and scores every padded position of every row. One 2,500-token Arena-Hard
   prompt among 31 short ones makes each step read ~31 x 2,500 padded positions of keys
-  and values in every layer. Given ``kv_runs`` (``plan_runs``: the rows cut into
-  contiguous runs, each with the earliest first real position of its rows), attention
-  runs one sdpa per run over that run's positions only, masking what padding is left.
-  One call per row would skip all padding, but a call costs its overhead, and one row
-  alone gives torch's CPU kernel only its Hkv heads to share among the cores (3 heads on
-  2 cores: ~1.4x the time per position of rows in a batch); ``plan_runs`` weighs the
-  padding a run reads against the calls it saves.
+  and values in every layer. Given ``kv_plan`` (``plan_runs``: the rows cut into
+  contiguous runs, each with the earliest first and latest last real position of its
+  rows; rows end apart once some keep drafts), attention runs one sdpa per run over that
+  run's positions only, masking what padding is left. One call per row would skip all
+  padding, but a call costs its overhead, and one row alone gives torch's CPU kernel only
+  its Hkv heads to share among the cores (3 heads on 2 cores: ~1.4x the time per
+  position of rows in a batch); ``plan_runs`` weighs the padding a run reads against the
+  calls it saves.
+- Drafts checked in the batch: a row may feed several tokens (its next and the ones it
+  guesses, ``engine/lookup.py``). The step's tokens are then a flat batch of one token
+  per batch row (the linear layers see N tokens and no padding). A run whose rows feed
+  several gathers them into a (rows, T) grid, T queries after a row's H/Hkv query heads,
+  each masked to attend up to its own position; runs of rows that feed one token each
+  read theirs as they lie, so a drafting row does not make every row pay for T queries.
 """
 
 from __future__ import annotations
@@ -51,40 +58,61 @@ NAME = "chattune_sdpa"
 # (benchmarks/decode_rows.py --ragged shows the whole steps).
 CALL_COST = 250
 ALONE_COST = 1.35
+QUERY_COST = 0.25  # each further query token of a row, against its first
 
 
 @dataclass
 class Run:
-    """Rows ``first:end`` of a decode step, attending positions ``start:``; ``keep`` (n, 1, 1,
-    L - start) is True where a row's real positions are, None when all are."""
+    """Rows ``first:end`` of a decode step, attending the step's key positions
+    ``start:stop``. Each row feeds up to ``tokens`` queries: the flat tokens
+    ``gather`` (rows * tokens,) in a (rows, tokens) grid (a row's last where it has fewer),
+    or with one a row, the flat tokens ``flat_first:flat_first + rows``. ``keep`` (n, 1,
+    tokens, stop - start) is True where a query may attend (its row's real positions up to
+    its own), None when every query may attend all."""
 
     first: int
     end: int
     start: int
+    stop: int
     keep: torch.Tensor | None
+    tokens: int = 1
+    flat_first: int = 0
+    gather: torch.Tensor | None = None
     _masks: dict = field(default_factory=dict, repr=False)
 
-    def mask(self, dtype: torch.dtype) -> torch.Tensor | None:
-        """``keep`` as an additive mask, made once for all layers: sdpa would turn a boolean
-        mask into one at every call (a ``where`` per layer and run)."""
+    def mask(self, dtype: torch.dtype, groups: int) -> torch.Tensor | None:
+        """``keep`` as an additive mask for queries packed as (Hkv, groups x tokens), made
+        once for all layers: sdpa would turn a boolean mask into one at every call."""
         if self.keep is None:
             return None
         if dtype not in self._masks:
-            self._masks[dtype] = torch.zeros(self.keep.shape, dtype=dtype, device=self.keep.device).masked_fill_(
-                ~self.keep, float("-inf"))
+            keep = self.keep
+            if keep.shape[2] > 1:  # the groups' queries of token t: rows g * tokens + t
+                n, _, t, width = keep.shape
+                keep = keep[:, :, None].expand(n, 1, groups, t, width).reshape(n, 1, groups * t, width)
+            self._masks[dtype] = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf"))
         return self._masks[dtype]
+
+
+@dataclass
+class Plan:
+    """A decode step's attention: its runs of rows, and where runs feed several tokens a row
+    (checked drafts), ``scatter`` (N,): the place of each flat token among the runs' cells."""
+
+    runs: list[Run]
+    scatter: torch.Tensor | None = None
 
 
 def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                      cu_seq_lens_q: torch.Tensor | None = None, kv_runs: list[Run] | None = None,
+                      cu_seq_lens_q: torch.Tensor | None = None, kv_plan: Plan | None = None,
                       **kwargs) -> tuple[torch.Tensor, None]:
     """sdpa per conversation of a flat packed row; for a decode step (one query token a
-    row), per run of rows with ``kv_runs`` or grouped-query over the shared cache;
+    batch row), per run of rows with ``kv_plan`` or grouped-query over the shared cache;
     transformers' sdpa otherwise."""
     if query.shape[2] == 1:
-        if kv_runs is not None:
-            return _runs_decode(query, key, value, kv_runs, scaling)
+        if kv_plan is not None:
+            return _runs_decode(query, key, value, kv_plan, scaling)
         if attention_mask is None or attention_mask.shape[1] == 1:  # a mask shared by the heads
             return _decode(query, key, value, attention_mask, scaling)
     if cu_seq_lens_q is None or query.shape[2] == 1:
@@ -122,56 +150,90 @@ def _decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: t
     return out.view(b, h, 1, d).transpose(1, 2).contiguous(), None  # (B, 1, H, D)
 
 
-def plan_runs(starts: list[int], length: int, device: torch.device | str = "cpu") -> list[Run]:
-    """Cut a decode step's rows (in cache order; ``starts[i]``: row i's first real position
-    of ``length``) into contiguous runs of least cost: each run reads every row's positions
-    from the run's earliest start, plus ``CALL_COST``; a row alone costs ``ALONE_COST``
+def plan_runs(starts: list[int], ends: list[int], device: torch.device | str = "cpu",
+              tokens: list[int] | None = None) -> Plan:
+    """Cut a decode step's rows (in cache order) into contiguous runs of least cost. Row i's
+    real key positions are ``starts[i]:ends[i]`` (its step's tokens included); with
+    ``tokens``, its last ``tokens[i]`` positions are its queries, flat in row order, each
+    attending up to its own. A run reads every row's positions from the run's earliest
+    start to its latest end, for as many queries a row as its widest row feeds (each
+    further one at ``QUERY_COST``), plus ``CALL_COST``; a row alone costs ``ALONE_COST``
     times its positions. Dynamic programming over where runs end, O(rows^2)."""
     n = len(starts)
+    tokens = tokens or [1] * n
     best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
     for end in range(1, n + 1):
-        low = length
+        low, high, wide = float("inf"), 0, 1
         for first in range(end - 1, -1, -1):
-            low = min(low, starts[first])
+            low, high, wide = min(low, starts[first]), max(high, ends[first]), max(wide, tokens[first])
             rows = end - first
-            cost = best[first] + CALL_COST + rows * (length - low) * (ALONE_COST if rows == 1 else 1.0)
+            cost = best[first] + CALL_COST + rows * (high - low) * (ALONE_COST if rows == 1 else 1.0) * (
+                1 + QUERY_COST * (wide - 1))
             if cost < best[end]:
                 best[end], cut[end] = cost, first
     bounds, end = [], n
     while end:
         bounds.append((cut[end], end))
         end = cut[end]
-    runs = []
+    flat = [0]  # each row's first flat token
+    for t in tokens[:-1]:
+        flat.append(flat[-1] + t)
+    runs, cells, scatter = [], 0, [0] * sum(tokens)
     for first, end in reversed(bounds):
-        own = starts[first:end]
-        start, mask = min(own), None
-        if max(own) > start:
-            mask = torch.arange(start, length, device=device)[None, :] >= torch.tensor(own, device=device)[:, None]
-            mask = mask[:, None, None, :]  # (n, 1, 1, L - start)
-        runs.append(Run(first, end, start, mask))
-    return runs
+        lo, hi, own = starts[first:end], ends[first:end], tokens[first:end]
+        start, stop, width, keep, gather = min(lo), max(hi), max(own), None, None
+        if width > 1:
+            gather = torch.tensor([flat[i] + min(j, tokens[i] - 1) for i in range(first, end) for j in range(width)],
+                                  device=device)
+        for i in range(first, end):
+            for j in range(tokens[i]):
+                scatter[flat[i] + j] = cells + (i - first) * width + j
+        cells += (end - first) * width
+        if max(lo) > start or min(hi) < stop or width > 1:
+            col = torch.arange(start, stop, device=device)  # (L,)
+            hi_t = torch.tensor(hi, device=device)[:, None]  # (n, 1)
+            last = hi_t - torch.tensor(own, device=device)[:, None] + torch.arange(width, device=device)[None, :]
+            last = torch.minimum(last, hi_t - 1)  # (n, T) each query's own position (a row's extra cells: its last)
+            keep = (col >= torch.tensor(lo, device=device)[:, None, None]) & (col <= last[:, :, None])
+            keep = keep[:, None]  # (n, 1, T, L)
+        runs.append(Run(first, end, start, stop, keep, width, flat[first], gather))
+    moved = any(r.tokens > 1 for r in runs)
+    return Plan(runs, torch.tensor(scatter, device=device) if moved else None)
 
 
-def _runs_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, runs: list[Run],
+def _runs_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: Plan,
                  scaling: float | None) -> tuple[torch.Tensor, None]:
-    """One query token per row; one sdpa per run of rows over the run's positions only."""
-    b, h, _, d = query.shape  # (B, H, 1, D); key, value (B, Hkv, L, D)
+    """One sdpa per run of rows over the run's positions only. ``query`` (N, H, 1, D): one
+    token per row, or N flat tokens of rows feeding several (checked drafts)."""
+    n, h, _, d = query.shape  # key, value (B, Hkv, L, D)
     hkv = key.shape[1]
+    g = h // hkv
     # grouped-query attention without repeat_kv: a row's H query heads as (Hkv, H/Hkv)
-    # queries against its Hkv key heads (transformers' pack_gqa)
-    query = query.view(b, hkv, h // hkv, d)
-    parts = [F.scaled_dot_product_attention(query[r.first:r.end], key[r.first:r.end, :, r.start:],
-                                            value[r.first:r.end, :, r.start:], attn_mask=r.mask(query.dtype),
-                                            scale=scaling)
-             for r in runs]  # (n, Hkv, H/Hkv, D) each
+    # queries against its Hkv key heads (transformers' pack_gqa); its T tokens after them
+    query = query.view(n, hkv, g, d)
+    parts = []
+    for r in plan.runs:
+        rows = r.end - r.first
+        if r.gather is None:
+            q = query[r.flat_first:r.flat_first + rows]  # (rows, Hkv, G, D)
+        else:
+            q = query.index_select(0, r.gather).view(rows, r.tokens, hkv, g, d).permute(0, 2, 3, 1, 4)
+            q = q.reshape(rows, hkv, g * r.tokens, d)
+        out = F.scaled_dot_product_attention(q, key[r.first:r.end, :, r.start:r.stop], value[r.first:r.end, :, r.start:r.stop],
+                                             attn_mask=r.mask(q.dtype, g), scale=scaling)
+        if r.gather is not None:
+            out = out.view(rows, hkv, g, r.tokens, d).permute(0, 3, 1, 2, 4).reshape(rows * r.tokens, hkv, g, d)
+        parts.append(out)  # (cells, Hkv, G, D)
     out = torch.cat(parts) if len(parts) > 1 else parts[0]
-    return out.view(b, h, 1, d).transpose(1, 2).contiguous(), None  # (B, 1, H, D)
+    if plan.scatter is not None:
+        out = out.index_select(0, plan.scatter)
+    return out.reshape(n, 1, h, d), None  # (N, 1, H, D)
 
 
 @contextlib.contextmanager
 def decode_steps(model: torch.nn.Module) -> Iterator[bool]:
     """Within the block ``model`` attends through ``segment_attention`` if it runs sdpa
-    (its decode steps then take ``kv_runs``); yields whether it does. Eager and
+    (its decode steps then take ``kv_plan``); yields whether it does. Eager and
     flash-attention models are left as they are (they take the padding mask)."""
     config = model.config
     old = config._attn_implementation

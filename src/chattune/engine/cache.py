@@ -6,7 +6,10 @@ cache is a view of it, ``buf[:b, :, start:end]``:
 - a step writes its new positions in place (the buffer grows by a quarter when full);
 - a row that leaves is overwritten by the last row (one row copied, not the cache), and
   positions that became padding in every row are dropped by moving ``start``;
-- joining rows are written into free rows of the buffer, left-padded to the common width.
+- joining rows are written into free rows of the buffer, left-padded to the common width;
+- a step of rows that checked drafts (``Writes``) writes each row's tokens after its own
+  last position, and ``advance`` moves the end by the furthest kept: rows that kept fewer
+  end before it (the engine's ``Row.lag``), their columns past their end masked.
 Rebuilding the cache on every join and leave instead cost a third of an Arena-Hard eval's
 answer time (32 rows of up to 2,500 positions; 1-2 s a rebuild, mostly page faults of the
 new buffers). The buffer is rebuilt only when rows outgrow it or a joining prompt is wider
@@ -15,10 +18,22 @@ than the room left of ``start``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 SPARE = 64  # positions added at the least whenever a buffer is full
+
+
+@dataclass
+class Writes:
+    """Where a decode step's N flat tokens go: token k into row ``rows[k]`` at column
+    ``end + offsets[k]``; ``reach``: the furthest of them, in columns past ``end``."""
+
+    rows: torch.Tensor  # (N,)
+    offsets: torch.Tensor  # (N,)
+    reach: int
 
 
 class GrowingLayer(DynamicLayer):
@@ -34,9 +49,12 @@ class GrowingLayer(DynamicLayer):
         size = n + max(SPARE, n // 4)
         self.kbuf = keys.new_empty(rows, h, size, d)
         self.vbuf = values.new_empty(rows, h, size, values.shape[-1])
-        self.kbuf[:b, :, :n] = keys
-        self.vbuf[:b, :, :n] = values
+        for buf, x in ((self.kbuf, keys), (self.vbuf, values)):
+            buf[:b, :, :n] = x
+            buf[:b, :, n:] = 0  # never garbage where masked (a row that lags reads past its end): 0 x NaN is NaN
+            buf[b:] = 0
         self.b, self.start, self.end = b, 0, n
+        self.writes: Writes | None = getattr(self, "writes", None)
         self.is_initialized, self.device, self.dtype = True, keys.device, keys.dtype
 
     @property
@@ -56,13 +74,22 @@ class GrowingLayer(DynamicLayer):
         pass
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        t = key_states.shape[-2]
+        """A decode step's keys and values: (B, H, t, d) written after ``end`` in every row,
+        or with ``writes`` set, (N, H, 1, d) flat tokens written where ``writes`` says
+        (``end`` then moves at ``advance``, once the step knows which tokens stay)."""
+        w = self.writes
+        t = key_states.shape[-2] if w is None else w.reach
         if self.end + t > self.kbuf.shape[-2]:
             self._set(self.keys, self.values, self.kbuf.shape[0])  # copy into a larger buffer
-        self.kbuf[: self.b, :, self.end: self.end + t] = key_states
-        self.vbuf[: self.b, :, self.end: self.end + t] = value_states
-        self.end += t
-        return self.keys, self.values
+        if w is None:
+            self.kbuf[: self.b, :, self.end: self.end + t] = key_states
+            self.vbuf[: self.b, :, self.end: self.end + t] = value_states
+            self.end += t
+            return self.keys, self.values
+        cols = w.offsets + self.end
+        self.kbuf[w.rows, :, cols] = key_states[:, :, 0]
+        self.vbuf[w.rows, :, cols] = value_states[:, :, 0]
+        return self.kbuf[: self.b, :, self.start: self.end + t], self.vbuf[: self.b, :, self.start: self.end + t]
 
     def get_seq_length(self) -> int:
         return self.end - self.start
@@ -111,10 +138,10 @@ def rows(cache: DynamicCache, index: torch.Tensor) -> DynamicCache:
     return out
 
 
-def keep(cache: DynamicCache, kept: list[int], width: int) -> list[int]:
-    """Keep rows ``kept`` (ascending) and the last ``width`` positions, in place: the last
-    kept rows move into the slots of the rows that leave. Returns the new row order (the
-    old index of each row)."""
+def keep(cache: DynamicCache, kept: list[int], first: int, last: int) -> list[int]:
+    """Keep rows ``kept`` (ascending) and the columns ``first:last`` of the current view, in
+    place: the last kept rows move into the slots of the rows that leave. Returns the new
+    row order (the old index of each row)."""
     b = len(kept)
     order = list(range(b))
     staying = set(kept)
@@ -126,14 +153,21 @@ def keep(cache: DynamicCache, kept: list[int], width: int) -> list[int]:
         for hole, mover in zip(holes, movers):
             layer.kbuf[hole, :, layer.start: layer.end] = layer.kbuf[mover, :, layer.start: layer.end]
             layer.vbuf[hole, :, layer.start: layer.end] = layer.vbuf[mover, :, layer.start: layer.end]
-        layer.b, layer.start = b, layer.end - width
+        layer.b, layer.start, layer.end = b, layer.start + first, layer.start + last
     return order
 
 
-def crop(cache: DynamicCache, width: int) -> None:
-    """Keep the first ``width`` positions (a one-row lane after a speculative step)."""
+def write(cache: DynamicCache, writes: Writes | None) -> None:
+    """Where the next step's tokens go (None: one a row, after ``end``)."""
     for layer in cache.layers:
-        layer.end = layer.start + width
+        layer.writes = writes
+
+
+def advance(cache: DynamicCache, columns: int) -> None:
+    """Move ``end`` on by ``columns`` after a step that wrote ``Writes``."""
+    for layer in cache.layers:
+        layer.end += columns
+        layer.writes = None
 
 
 def _left_pad(x: torch.Tensor, width: int) -> torch.Tensor:

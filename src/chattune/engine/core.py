@@ -35,8 +35,14 @@ weights once instead of once per variant.
   admitted with it, up to ``max_batch / 8`` rows over ``max_batch``: admitted one at a time
   as slots free up, eval's four requests of a prompt took up to four prefills, and their
   rows, of different lengths, could not attend in one run.
-- Speculative steps: a row alone in its lane also feeds tokens drafted from its history
-  (``engine/lookup.py``) and keeps those it would have chosen one step at a time.
+- Speculative steps: a row may also feed tokens drafted from its history
+  (``engine/lookup.py``) and keeps those it would have chosen one step at a time. A step
+  with drafts feeds its N tokens as N batch rows of one token each (no padding in the
+  matmuls); each row's keys go after its own last position, so a row that kept fewer
+  lags behind the cache's end, and attention masks each token to its row's positions up
+  to its own (``attention.plan_runs``). Only models that attend through
+  ``attention.segment_attention`` (sdpa) draft; eager and flash-attention models decode
+  one token a row.
 - On a CPU in float32 linear layers run on oneDNN's pre-packed weights (``engine/packed.py``).
 """
 
@@ -281,71 +287,80 @@ class Engine:
 
     @torch.no_grad()
     def _decode(self, lane: Lane) -> None:
-        names = [r.req.variant for r in lane.rows]
-        variant = self.variants[names[0]]
-        width = lane.width
-        lengths = torch.tensor([r.length for r in lane.rows], device=self.device)
-        pad = width - lengths  # (B,)
-        padded = int(pad.sum())
-        draft = self._draft(lane.rows[0]) if len(lane.rows) == 1 and not padded else []
-        ids = torch.tensor([[r.last] + draft for r in lane.rows], device=self.device)  # (B, T), T = 1 + drafted
-        positions = lengths[:, None] + torch.arange(ids.shape[1], device=self.device)  # (B, T)
-        mask, extra = None, {}
-        with self._context(names), self._autocast(), self.packed[names[0]](), \
-                attention.decode_steps(variant.inner) as ours:
-            if ours and padded:  # attend in runs of rows, each over its own positions (attention.plan_runs)
-                extra["kv_runs"] = attention.plan_runs(pad.tolist(), width + 1, self.device)
-            elif padded:
-                mask = (torch.arange(width + 1, device=self.device)[None, :] >= pad[:, None]).long()  # (B, L+1)
-            out = variant.inner(input_ids=ids, position_ids=positions, attention_mask=mask,
-                                past_key_values=lane.cache, use_cache=True, **extra)
-        if draft:
-            self._speculate(lane, out.logits[0], draft)
-            return
-        tokens = self._choose(out.logits[:, -1, :], lane.rows, lane.seen)
-        keep = []
-        for i, (row, token) in enumerate(zip(lane.rows, tokens)):
-            row.length += 1
-            if row.cancelled:
-                row.done = "cancelled"
-            if row.done or self._accept(row, token, lane.seen[i]):
+        rows, names = lane.rows, [r.req.variant for r in lane.rows]
+        variant, width, device = self.variants[names[0]], lane.width, self.device
+        with attention.decode_steps(variant.inner) as ours:
+            drafts = [self._draft(r) for r in rows] if ours and self.draft_tokens else [[] for _ in rows]
+            counts = [1 + len(d) for d in drafts]  # tokens each row feeds
+            flat = len(rows) < sum(counts) or any(r.lag for r in rows)
+            mask, extra = None, {}
+            if not flat:  # one token a row, every row ending at the cache's end
+                ids = torch.tensor([[r.last] for r in rows], device=device)  # (B, 1)
+                positions = torch.tensor([[r.length] for r in rows], device=device)
+                starts = [width - r.length for r in rows]
+                if ours and any(starts):  # attend in runs of rows, each over its own positions
+                    extra["kv_plan"] = attention.plan_runs(starts, [width + 1] * len(rows), device)
+                elif any(starts):
+                    mask = (torch.arange(width + 1, device=device)[None, :] >= torch.tensor(starts, device=device)[:, None]).long()
+            else:  # N flat tokens, one a batch row: [last, *draft] of each row (attention.Plan)
+                tokens = [(i, j) for i, c in enumerate(counts) for j in range(c)]
+                ids = torch.tensor([[rows[i].last if j == 0 else drafts[i][j - 1]] for i, j in tokens], device=device)
+                positions = torch.tensor([[rows[i].length + j] for i, j in tokens], device=device)  # (N, 1)
+                kv.write(lane.cache, kv.Writes(torch.tensor([i for i, _ in tokens], device=device),
+                                               torch.tensor([j - rows[i].lag for i, j in tokens], device=device),
+                                               max(c - r.lag for r, c in zip(rows, counts))))
+                extra["kv_plan"] = attention.plan_runs([width - r.lag - r.length for r in rows],
+                                                       [width - r.lag + c for r, c in zip(rows, counts)], device, counts)
+                names = [names[i] for i, _ in tokens]
+            out = None
+            with self._context(names), self._autocast(), self.packed[names[0]]():
+                out = variant.inner(input_ids=ids, position_ids=positions, attention_mask=mask,
+                                    past_key_values=lane.cache, use_cache=True, **extra)
+        logits = out.logits[:, -1, :]  # (N, V)
+        firsts = [0]
+        for c in counts[:-1]:
+            firsts.append(firsts[-1] + c)
+        chosen = self._choose(logits[firsts] if flat else logits, rows, lane.seen)
+        # a greedy row without a penalty chooses by its logits alone: its drafts' choices at once
+        plain = logits.float().argmax(-1).tolist() if any(d and _plain(r) for r, d in zip(rows, drafts)) else None
+        keep, taken = [], []
+        for i, (row, token, draft) in enumerate(zip(rows, chosen, drafts)):
+            kept = 0  # draft tokens confirmed: their cache positions stay
+            while True:  # a choice depends only on the row's history and position (sampling.choose):
+                if row.cancelled:  # the answer is the one of one token a step
+                    row.done = "cancelled"
+                if row.done or self._accept(row, token, lane.seen[i]) or kept == len(draft) or token != draft[kept]:
+                    break
+                kept += 1
+                at = firsts[i] + kept
+                token = plain[at] if plain and _plain(row) else self._choose(logits[at:at + 1], [row], lane.seen[i:i + 1])[0]
+            if draft:
+                self.drafted, self.kept = self.drafted + len(draft), self.kept + kept
+                row.lookup.checked(len(draft), kept)
+            row.length += 1 + kept
+            taken.append(1 + kept)
+            if row.done:
                 self._finish(row)
             else:
                 keep.append(i)
-        if len(keep) < len(lane.rows):
+        if flat:  # the cache ends after the row that went furthest; the others lag behind it
+            moved = max(a - r.lag for r, a in zip(rows, taken))
+            kv.advance(lane.cache, moved)
+            for r, a in zip(rows, taken):
+                r.lag += moved - a
+        if len(keep) < len(rows):
             lane.drop(keep)
 
     def _draft(self, row: Row) -> list[int]:
-        """Tokens to check along with ``row``'s next one: it is alone in its lane, so a forward
-        of a few more tokens costs little more (``engine/lookup.py``)."""
+        """Tokens to check along with ``row``'s next one (``engine/lookup.py``): a drafted
+        token costs a row of the step's matmuls, a kept one saves the row a whole step."""
         room = min(self.draft_tokens, row.budget - len(row.tokens) - 1)  # the budget stops short of the context
         if room < 1:
             return []
         if row.lookup is None:
             row.lookup = Lookup(row.req.prompt_ids + row.tokens)
-        return row.lookup.draft(room) if row.lookup.wanted() else []
-
-    def _speculate(self, lane: Lane, logits: torch.Tensor, draft: list[int]) -> None:
-        """Choose tokens from the (T, V) ``logits`` of [last, *draft] as one step each would,
-        while the draft agrees. A choice depends only on the row's history and position
-        (``sampling.choose``): the answer is the one without drafts, greedy or sampled."""
-        row = lane.rows[0]
-        kept = 0  # draft tokens confirmed: their cache positions stay
-        for j in range(len(draft) + 1):
-            token = self._choose(logits[j:j + 1], [row], lane.seen)[0]
-            if row.cancelled:
-                row.done = "cancelled"
-            if row.done or self._accept(row, token, lane.seen[0]) or j == len(draft) or token != draft[j]:
-                break
-            kept += 1
-        row.length += 1 + kept
-        self.drafted, self.kept = self.drafted + len(draft), self.kept + kept
-        row.lookup.checked(len(draft), kept)
-        if row.done:
-            self._finish(row)
-            lane.drop([])
-        else:
-            kv.crop(lane.cache, row.length)  # the cache positions of rejected draft tokens go
+        n = row.lookup.wanted(room)
+        return row.lookup.draft(n) if n else []
 
     def _choose(self, logits: torch.Tensor, rows: list[Row], seen: torch.Tensor) -> list[int]:
         logits = logits.float()  # (B, V)
@@ -378,6 +393,10 @@ class Engine:
         text = row.text.finish() if row.done != "stop" else row.text.text
         self.finished.append(Answer(row.req.tag, text, row.tokens, row.done, len(row.req.prompt_ids),
                                     time.perf_counter() - row.started, row.req))
+
+
+def _plain(row: Row) -> bool:
+    return row.req.sampling.greedy and row.req.sampling.repetition_penalty == 1.0
 
 
 def _context_size(config) -> int | None:

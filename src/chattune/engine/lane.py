@@ -1,5 +1,6 @@
 """The engine's rows (one answer being decoded) and lanes (the rows of one variant and
-their shared, left-padded KV cache)."""
+their shared, left-padded KV cache; a row that kept fewer drafted tokens than another ends
+``lag`` columns before the cache's end)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ class Row:
     done: str | None = None
     cancelled: bool = False
     lookup: Lookup | None = None  # its n-gram index, from its first speculative step on
+    lag: int = 0  # columns between its last position and the lane cache's end (rows that kept fewer drafts)
 
 
 class Lane:
@@ -54,10 +56,15 @@ class Lane:
         self.seen = torch.cat([self.seen, seen])
 
     def drop(self, keep: list[int]) -> None:
+        """Keep rows ``keep``; columns that are padding in every kept row go."""
         if not keep:
             self.rows, self.cache, self.seen = [], None, None
             return
-        width = max(self.rows[i].length for i in keep)  # columns that are padding in every kept row go
-        order = kv.keep(self.cache, keep, width)
+        width, kept = self.width, [self.rows[i] for i in keep]
+        lag = min(r.lag for r in kept)
+        first = min(width - r.lag - r.length for r in kept)
+        order = kv.keep(self.cache, keep, first, width - lag)
         self.rows = [self.rows[i] for i in order]
+        for r in self.rows:
+            r.lag -= lag
         self.seen = self.seen.index_select(0, torch.tensor(order, device=self.seen.device))

@@ -4,7 +4,7 @@ own history (Saxena 2023, "Prompt Lookup Decoding"; transformers' ``prompt_looku
 The last 1 to ``NGRAM`` tokens of a row (prompt + answer so far) are looked up in its
 earlier text; the tokens that followed their latest earlier occurrence are the draft. The
 model then checks the draft in one forward over all its tokens, and every draft token
-that equals what the engine would have chosen anyway is kept (``Engine._speculate``).
+that equals what the engine would have chosen anyway is kept (``Engine._decode``).
 Answers copy from their prompts (code, names, lists) and repeat themselves, so drafts
 are often right. On a CPU a forward of one row is bound by reading the weights, not by
 its tokens (SmolLM2-135M: 59 ms for 1 token, 68 ms for 4, 82 ms for 8), so a step that
@@ -18,14 +18,20 @@ at every step; here each row keeps an index of its n-grams, updated as tokens ar
 from __future__ import annotations
 
 NGRAM = 3  # longest suffix looked up; shorter ones are tried when it is not found
-DRAFT_TOKENS = 4  # proposed per step: at one row, 5 tokens a forward cost ~1.15x one
-# Whether a row drafts follows how many of its recent draft tokens were kept (an average
-# over its last few speculative steps). A one-row step of 5 tokens costs ~1.2x one of 1;
-# kept tokens come in runs (a copied passage, a loop), so a row that keeps some drafts
-# sends full ones. Sampled rows keep few (the repetition penalty works against repeating
-# the history): 6% of drafts on SmolLM2 with the shipped sampling against 29-39% greedy
+DRAFT_TOKENS = 8  # the most a row proposes in one step
+# Whether a row drafts, and how much, follows its recent draft tokens. A drafted token
+# costs a row of the step's matmuls whether kept or not: at one row a forward of 5 tokens
+# costs ~1.15x one of 1, in a step of 32 rows each drafted token ~2 ms against ~7 ms for
+# a row's whole step (benchmarks/decode_rows.py). Kept tokens come in runs (a copied
+# passage, a loop): a row sends twice its last run plus one (at least MIN_DRAFT), so a
+# looping row soon checks DRAFT_TOKENS a step and a row whose drafts fail sends few.
+# Sampled rows keep few (the repetition penalty works against repeating the history): 6%
+# of drafts on SmolLM2 with the shipped sampling against 29-39% greedy
 # (benchmarks/generation.py --drafts); below KEEP_RATE a row only probes now and then.
-KEEP_RATE = 0.1
+# On the greedy and sampled answers of an Arena-Hard eval, replayed (benchmarks/README.md),
+# this policy took 80,258 steps of 165,506 tokens for 137,246 answer tokens.
+KEEP_RATE = 0.3
+MIN_DRAFT = 2
 PROBE_EVERY = 8  # steps between two probes of a row below KEEP_RATE
 
 
@@ -39,20 +45,22 @@ class Lookup:
             self.add(token)
         self.keep_rate = 2 * KEEP_RATE  # recent share of draft tokens kept
         self.waited = 0  # steps without drafts since the last probe
+        self.last = 0  # draft tokens kept at the last speculative step
 
-    def wanted(self) -> bool:
-        """Whether to draft this step, given how many recent draft tokens were kept."""
-        if self.keep_rate >= KEEP_RATE:
-            return True
-        self.waited += 1
-        if self.waited < PROBE_EVERY:
-            return False
-        self.waited = 0
-        return True
+    def wanted(self, limit: int = DRAFT_TOKENS) -> int:
+        """How many tokens to draft this step (0: none), given the recent draft tokens kept."""
+        if self.keep_rate < KEEP_RATE:
+            self.waited += 1
+            if self.waited < PROBE_EVERY:
+                return 0
+            self.waited = 0
+            return min(limit, MIN_DRAFT)
+        return min(limit, max(MIN_DRAFT, 2 * self.last + 1))
 
     def checked(self, drafted: int, kept: int) -> None:
         """Record a speculative step's outcome."""
         self.keep_rate = 0.7 * self.keep_rate + 0.3 * kept / drafted
+        self.last = kept
 
     def add(self, token: int) -> None:
         h = self.history
@@ -62,10 +70,16 @@ class Lookup:
             self.next[tuple(h[p - n:p])] = p
 
     def draft(self, limit: int = DRAFT_TOKENS) -> list[int]:
-        """Up to ``limit`` tokens that followed the longest suffix's latest earlier occurrence."""
+        """Up to ``limit`` tokens that followed the longest suffix's latest earlier occurrence.
+        Where that continuation reaches the end of the history, it goes on copying its own
+        start (as LZ77 copies overlap): the suffix's latest occurrence in a loop of period p
+        ends p tokens back, and the loop predicts itself beyond them."""
         h = self.history
         for n in range(min(NGRAM, len(h)), 0, -1):
             at = self.next.get(tuple(h[-n:]))
             if at is not None:
-                return h[at:at + limit]
+                out = h[at:at + limit]
+                while len(out) < limit:
+                    out.append(out[len(out) - (len(h) - at)])
+                return out
         return []
