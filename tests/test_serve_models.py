@@ -75,7 +75,8 @@ def test_lora_runs_and_base_share_one_forward_and_answer_as_alone(tiny_dirs, tmp
         together = dict(zip(served.names, engine.run(requests)))
     finally:
         hook.remove()
-    assert calls.count(3) >= 8  # the decode steps: three rows (two runs and base), one forward
+    # the decode steps: three rows (two runs and base), one forward (of more batch rows when rows check drafts)
+    assert sum(n >= 3 for n in calls) >= 8
     for name in served.names:
         alone = load_run(dirs[name if name != BASE else "lora0"])
         variant = "base" if name == BASE else "tuned"
