@@ -91,3 +91,24 @@ def test_a_step_of_flat_tokens_writes_each_where_its_row_ends():
         assert torch.equal(values[1, :, 3], -new[3, :, 0])
     kv.advance(cache, 2)  # row 0 kept 1 of its 2 drafts
     assert cache.get_seq_length() == 6 and all(layer.writes is None for layer in cache.layers)
+
+
+def test_rows_joining_at_the_start_begin_where_the_view_begins():
+    """Rows of models whose steps write where each row ends join at the view's start: a
+    late or wide joiner does not move the others' ends, and the view widens only to the
+    widest row."""
+    rows = [_row(5, 0), _row(8, 1)]
+    cache = kv.growing(_cache(rows), rows=4)
+    kv.merge(cache, _cache([_row(3, 2)]), at_start=True)
+    assert cache.get_seq_length() == 8
+    for i, layer in enumerate(cache.layers):
+        assert torch.equal(layer.keys[2, :, :3], _row(3, 2)[i, 0])  # at the start, zeros after it
+        assert not layer.keys[2, :, 3:].any() and torch.equal(layer.keys[1], _row(8, 1)[i, 0])
+    kv.merge(cache, _cache([_row(11, 3)]), at_start=True)  # wider than the view: it widens, in place
+    assert cache.get_seq_length() == 11
+    for i, layer in enumerate(cache.layers):
+        assert torch.equal(layer.values[3], _row(11, 3)[i, 1]) and torch.equal(layer.values[1, :, :8], _row(8, 1)[i, 1])
+    kv.merge(cache, _cache([_row(4, 4)]), at_start=True)  # more rows than the buffer: rebuilt, as aligned
+    for i, layer in enumerate(cache.layers):
+        assert layer.keys.shape[0] == 5 and torch.equal(layer.keys[4, :, :4], _row(4, 4)[i, 0])
+        assert torch.equal(layer.keys[1, :, :8], _row(8, 1)[i, 0])

@@ -230,6 +230,11 @@ def _runs_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, pl
     return out.reshape(n, 1, h, d), None  # (N, 1, H, D)
 
 
+def attends_in_runs(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s decode steps can attend through ``segment_attention`` (it runs sdpa)."""
+    return model.config._attn_implementation in ("sdpa", NAME)
+
+
 @contextlib.contextmanager
 def decode_steps(model: torch.nn.Module) -> Iterator[bool]:
     """Within the block ``model`` attends through ``segment_attention`` if it runs sdpa
@@ -237,7 +242,7 @@ def decode_steps(model: torch.nn.Module) -> Iterator[bool]:
     flash-attention models are left as they are (they take the padding mask)."""
     config = model.config
     old = config._attn_implementation
-    if old not in ("sdpa", NAME):
+    if not attends_in_runs(model):
         yield False
         return
     config._attn_implementation = NAME

@@ -103,10 +103,28 @@ def growing(cache: DynamicCache, rows: int | None = None) -> DynamicCache:
     return out
 
 
-def merge(cache: DynamicCache, other: DynamicCache) -> None:
-    """Append ``other``'s rows to ``cache``, both left-padded to the wider one."""
+def merge(cache: DynamicCache, other: DynamicCache, at_start: bool = False) -> None:
+    """Append ``other``'s rows to ``cache``: ending where ``cache``'s rows end, both
+    left-padded to the wider one; or ``at_start``, beginning where the view begins (the
+    rows' ends then differ: only for steps that write where each row ends, ``Writes``)."""
     for mine, theirs in zip(cache.layers, other.layers):
-        _append(mine, theirs.keys, theirs.values)
+        (_append_at_start if at_start else _append)(mine, theirs.keys, theirs.values)
+
+
+def _append_at_start(layer: GrowingLayer, keys: torch.Tensor, values: torch.Tensor) -> None:
+    k, _, n, _ = keys.shape
+    width = layer.end - layer.start
+    if layer.start + n > layer.kbuf.shape[-2] or layer.b + k > layer.kbuf.shape[0]:
+        wide = max(n, width)
+        layer._set(torch.cat([_right_pad(layer.keys, wide), _right_pad(keys, wide)]),
+                   torch.cat([_right_pad(layer.values, wide), _right_pad(values, wide)]), layer.kbuf.shape[0])
+        return
+    rows = slice(layer.b, layer.b + k)
+    for buf, new in ((layer.kbuf, keys), (layer.vbuf, values)):
+        buf[rows, :, layer.start: layer.start + n] = new
+        buf[rows, :, layer.start + n: layer.end] = 0  # past the rows' ends: masked, never garbage
+    layer.end = max(layer.end, layer.start + n)
+    layer.b += k
 
 
 def _append(layer: GrowingLayer, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -168,6 +186,10 @@ def advance(cache: DynamicCache, columns: int) -> None:
     for layer in cache.layers:
         layer.end += columns
         layer.writes = None
+
+
+def _right_pad(x: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(x, (0, 0, 0, width - x.shape[-2])) if x.shape[-2] < width else x
 
 
 def _left_pad(x: torch.Tensor, width: int) -> torch.Tensor:

@@ -283,7 +283,8 @@ class Engine:
         if joining:  # the lane copies these rows into its own cache: requests never share storage
             same = index == list(range(len(groups)))  # one row per prompt, none finished: take the cache as is
             rows = cache if same else kv.rows(cache, torch.tensor(index, device=self.device))
-            self.lanes[self.lane_of[names[0]]].add(joining, rows, torch.cat(seen_rows))
+            self.lanes[self.lane_of[names[0]]].add(joining, rows, torch.cat(seen_rows),
+                                                   at_start=attention.attends_in_runs(variant.inner))
 
     @torch.no_grad()
     def _decode(self, lane: Lane) -> None:

@@ -46,12 +46,21 @@ class Lane:
     def width(self) -> int:
         return self.cache.get_seq_length() if self.rows else 0
 
-    def add(self, rows: list[Row], cache, seen: torch.Tensor) -> None:
-        """Rows joining with their (left-padded) cache rows and (len(rows), V) ``seen``."""
+    def add(self, rows: list[Row], cache, seen: torch.Tensor, at_start: bool = False) -> None:
+        """Rows joining with their (left-padded) cache rows and (len(rows), V) ``seen``;
+        ``at_start``: they begin where the cache's view begins rather than end where it
+        ends (``kv.merge``), so rows that run ahead by kept drafts, or joined late, do not
+        stretch every row's width (steps then write where each row ends)."""
         if not self.rows:
             self.rows, self.cache, self.seen = list(rows), kv.growing(cache, self.capacity), seen
             return
-        kv.merge(self.cache, cache)
+        before, n = self.width, cache.get_seq_length()
+        kv.merge(self.cache, cache, at_start)
+        if at_start:
+            for r in self.rows:
+                r.lag += self.width - before
+            for r in rows:
+                r.lag = self.width - n
         self.rows += rows
         self.seen = torch.cat([self.seen, seen])
 
