@@ -52,7 +52,6 @@ class GrowingLayer(DynamicLayer):
         for buf, x in ((self.kbuf, keys), (self.vbuf, values)):
             buf[:b, :, :n] = x
             buf[:b, :, n:] = 0  # never garbage where masked (a row that lags reads past its end): 0 x NaN is NaN
-            buf[b:] = 0
         self.b, self.start, self.end = b, 0, n
         self.writes: Writes | None = getattr(self, "writes", None)
         self.is_initialized, self.device, self.dtype = True, keys.device, keys.dtype
@@ -122,7 +121,7 @@ def _append_at_start(layer: GrowingLayer, keys: torch.Tensor, values: torch.Tens
     rows = slice(layer.b, layer.b + k)
     for buf, new in ((layer.kbuf, keys), (layer.vbuf, values)):
         buf[rows, :, layer.start: layer.start + n] = new
-        buf[rows, :, layer.start + n: layer.end] = 0  # past the rows' ends: masked, never garbage
+        buf[rows, :, layer.start + n:] = 0  # past the rows' ends: masked, never garbage
     layer.end = max(layer.end, layer.start + n)
     layer.b += k
 
