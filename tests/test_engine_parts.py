@@ -166,3 +166,18 @@ def test_packed_linears_give_the_linear_outputs_and_follow_weight_changes(arch, 
         assert not any("forward" in m.__dict__ for m in pack.modules)
     monkeypatch.setattr(packed, "MIN_ELEMENTS", 10**9)  # every weight below the size that pays
     assert packed.PackedLinears(model).modules == []
+
+
+def test_draft_replay_counts_the_steps_a_loop_saves():
+    """benchmarks/draft_replay.py replays answers through the engine's own draft policy."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import draft_replay
+
+    loop = [7, 8, 9] * 40
+    steps, fed = draft_replay.replay([1, 2, 3], loop, 8)
+    assert steps < len(loop) / 4 and fed >= len(loop)  # a loop is drafted and kept, up to 9 tokens a step
+    assert draft_replay.replay([1, 2, 3], list(range(10, 130)), 8) == (120, 120)  # nothing repeats: no drafts
+    assert draft_replay.replay([1, 2, 3], loop, 0) == (120, 120)

@@ -17,7 +17,7 @@ from chattune.data.questions import read_questions
 from chattune.errors import UserError
 from chattune.evaluate.judge import lc_win_rate, parse_verdict
 from chattune.evaluate.metrics import Bootstrap, answer_metrics, paired_stops
-from tiny import make_model, make_tokenizer, tiny_dirs  # noqa: F401  (fixture)
+from tiny import make_tokenizer, tiny_dirs  # noqa: F401  (fixture)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ARENA_HARD = FIXTURES / "arena_hard_questions.jsonl"
@@ -37,42 +37,6 @@ def evaluate(run_dir, out: Path, *extra: str, capsys=None) -> dict:
     result = json.loads((out / "result.json").read_text())
     answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
     return {"result": result, "answers": answers}
-
-
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_reference_loss_in_flat_rows_equals_padded_rows(arch):
-    """The reference-answer loss with each batch as one flat row (each sample attending to
-    itself) gives the padded rows' numbers, per sample too; flat rows skip the padding."""
-    import torch
-
-    from chattune import attention
-    from chattune.data import IGNORE_INDEX
-    from chattune.evaluate import loss_on_samples
-
-    model = make_model(arch, 64).eval()
-    gen = torch.Generator().manual_seed(0)
-    samples = []
-    for n, prompt in [(9, 4), (30, 12), (17, 3), (5, 2), (41, 20)]:
-        ids = torch.randint(1, 64, (n,), generator=gen).tolist()
-        samples.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})
-    cpu = torch.device("cpu")
-    padded = loss_on_samples(model, samples, 0, 3, cpu)
-    calls = []
-    segments = attention.segment_attention
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(attention, "segment_attention", lambda *a, **k: calls.append(k.get("cu_seq_lens_q")) or segments(*a, **k))
-        attention.AttentionInterface.register(attention.NAME, attention.segment_attention)
-        try:
-            flat = loss_on_samples(model, samples, 0, 3, cpu, flat=True)
-        finally:
-            attention.AttentionInterface.register(attention.NAME, segments)
-    assert calls and all(c is not None for c in calls)  # flat rows, attended sample by sample
-    assert model.config._attn_implementation == "sdpa"  # as it was
-    for key in ("loss", "all_loss"):
-        assert flat[key] == pytest.approx(padded[key], rel=1e-5)
-    assert (flat["loss_tokens"], flat["all_tokens"]) == (padded["loss_tokens"], padded["all_tokens"])
-    for (a, n), (b, m) in zip(flat["per_sample"], padded["per_sample"]):
-        assert n == m and a == pytest.approx(b, rel=1e-5)
 
 
 # -- prompt files -------------------------------------------------------------------------------

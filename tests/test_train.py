@@ -155,7 +155,7 @@ def test_eval_base_numbers_equal_untouched_base(tiny_dirs, tmp_path, capsys):
     from chattune.models import autocast_dtype
 
     cpu = torch.device("cpu")
-    ref = loss_on_samples(untouched, samples, run.tokenizer.pad_token_id, 8, cpu, autocast_dtype("auto", cpu), flat=True)
+    ref = loss_on_samples(untouched, samples, run.tokenizer.pad_token_id, 8, cpu, autocast_dtype("auto", cpu))
     assert result["base"]["loss"] == pytest.approx(ref["loss"], rel=1e-6)
     assert result["base"]["all_loss"] == pytest.approx(ref["all_loss"], rel=1e-6)
     assert result["tuned"]["loss"] != pytest.approx(ref["loss"], rel=1e-6)

@@ -8,14 +8,12 @@ than pulling in ``rouge-score`` and its NLTK dependency. The bootstrap resamples
 
 from __future__ import annotations
 
-import contextlib
 import math
 import statistics
 
 import numpy as np
 import torch
 
-from chattune import attention
 from chattune.data import IGNORE_INDEX, collate
 from chattune.loss import shift_targets, token_losses
 from chattune.textstats import repeated_ngram_rate  # noqa: F401 (re-exported: seq-rep-n)
@@ -25,50 +23,33 @@ RESAMPLES = 1000
 
 
 @torch.no_grad()
-def loss_on_samples(model, samples: list[dict], pad_id: int, batch_size: int, device, dtype=None,
-                    flat: bool = False) -> dict:
+def loss_on_samples(model, samples: list[dict], pad_id: int, batch_size: int, device, dtype=None) -> dict:
     """Mean CE and perplexity over answer tokens (``loss``) and over all tokens (``all_loss``);
-    ``per_sample``: each sample's summed answer-token loss and its token count, in order.
-
-    ``flat``: each batch as one flat row, its samples attending causally each to itself
-    (``attention.segment_attention``), for methods whose rows may be packed and models that
-    run sdpa (others take padded rows). Padded rows of ~1,000-token Arena-Hard references
-    make sdpa compute every (query, key) block under the padding mask, twice the causal
-    work, plus the padding."""
+    ``per_sample``: each sample's summed answer-token loss and its token count, in order."""
     model.eval()
     sums = {"loss": 0.0, "n": 0, "all_loss": 0.0, "all_n": 0}
     per_sample = [[0.0, 0] for _ in samples]
     order = sorted(range(len(samples)), key=lambda i: len(samples[i]["input_ids"]))  # less padding
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    with attention.decode_steps(inner) if flat else contextlib.nullcontext(False) as flat:
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            rows = [samples[i] for i in chunk]
-            batch = collate(rows, pad_id, packing=bool(flat), bins=[list(range(len(chunk)))], flat=True) if flat \
-                else collate(rows, pad_id, packing=False)
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            # all-token targets: every real token but each sample's first, as the seed measured (prompt included)
-            ids = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
-            if flat:
-                ids[0, batch["cu_seq_lens_q"][:-1]] = IGNORE_INDEX
-                owner = torch.repeat_interleave(torch.arange(len(chunk), device=device),
-                                                torch.tensor([len(r["input_ids"]) for r in rows], device=device))[None]
-            else:
-                ids[:, 0] = IGNORE_INDEX
-                owner = torch.arange(len(chunk), device=device)[:, None].expand_as(ids)
-            # one forward for both: answer positions are a subset of the all-token positions
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                losses, keep = token_losses(model, batch, shift_targets(ids))  # (N,), (B, T)
-            answer = (shift_targets(batch["labels"]) != IGNORE_INDEX)[keep]  # (N,)
-            of = owner[keep][answer]  # (n,) the sample of each answer token
-            row_sums = torch.zeros(len(chunk), device=losses.device).index_add_(0, of, losses[answer].float())
-            row_counts = torch.bincount(of, minlength=len(chunk))
-            for j, i in enumerate(chunk):
-                per_sample[i] = [float(row_sums[j]), int(row_counts[j])]
-            sums["loss"] += float(losses[answer].sum())
-            sums["n"] += int(answer.sum())
-            sums["all_loss"] += float(losses.sum())
-            sums["all_n"] += int(keep.sum())
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        batch = collate([samples[i] for i in chunk], pad_id, packing=False)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        # all-token targets: every real token but the first, as the seed measured (prompt included)
+        ids = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+        ids[:, 0] = IGNORE_INDEX
+        # one forward for both: answer positions are a subset of the all-token positions
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            losses, keep = token_losses(model, batch, shift_targets(ids))  # (N,), (B, T)
+        answer = (shift_targets(batch["labels"]) != IGNORE_INDEX)[keep]  # (N,)
+        rows = keep.nonzero()[:, 0][answer]  # (n,) the sample of each answer token
+        row_sums = torch.zeros(len(chunk), device=losses.device).index_add_(0, rows, losses[answer].float())
+        row_counts = torch.bincount(rows, minlength=len(chunk))
+        for j, i in enumerate(chunk):
+            per_sample[i] = [float(row_sums[j]), int(row_counts[j])]
+        sums["loss"] += float(losses[answer].sum())
+        sums["n"] += int(answer.sum())
+        sums["all_loss"] += float(losses.sum())
+        sums["all_n"] += int(keep.sum())
     out = {"loss": sums["loss"] / max(sums["n"], 1), "all_loss": sums["all_loss"] / max(sums["all_n"], 1),
            "loss_tokens": sums["n"], "all_tokens": sums["all_n"]}
     out["ppl"] = math.exp(min(out["loss"], 50))

@@ -199,11 +199,10 @@ def _loss(run, model_name: str, samples: list[dict], device, dtype) -> dict:
     if not samples:
         return {}
     args = (samples, run.tokenizer.pad_token_id, run.cfg.eval.batch_size, device, dtype)
-    flat = run.method.supports_packing  # prompt and prefix tuning: padded rows
     if model_name == "tuned":
-        out = loss_on_samples(run.model, *args, flat=flat)
+        out = loss_on_samples(run.model, *args)
     else:
         with run.base() as base:
-            out = loss_on_samples(base, *args, flat=flat)
+            out = loss_on_samples(base, *args)
     out["loss_ci"] = loss_interval(out.pop("per_sample"))
     return out
