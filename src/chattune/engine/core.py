@@ -105,8 +105,8 @@ class Engine:
             the requests queued right after one with the same prompt, which join with it
             (up to ``max_batch // 8`` rows over, at most ``GROUP_SLACK``).
         dtype: autocast dtype for the forward passes (None: the weights' own).
-        draft_tokens: tokens a row alone in its lane proposes from its own history and
-            checks in the same forward (``engine/lookup.py``); 0 turns this off.
+        draft_tokens: the most tokens a row proposes from its own history and checks in
+            the step's forward (``engine/lookup.py``); 0 turns this off.
     """
 
     def __init__(self, variants: dict[str, Variant], tokenizer, eos_id: int, *, max_batch: int = 16,
