@@ -17,10 +17,12 @@ How a row is decoded:
   left-padded, in forwards of up to ``PREFILL_TOKENS`` padded tokens (sorted by length, at
   most half padding): a matrix of many rows runs the matmuls several times faster per
   token. Prompt and prefix tuning prefill one prompt at a time (virtual tokens first).
-- Decode: the rows of one variant share a cache, left-padded to a common length ``L``.
-  Each step feeds every row its last token at position ``n_i`` (its own cache length,
-  which counts virtual tokens the way training did); attention skips the padding, in runs
-  of rows with similar lengths (``attention.plan_runs``), or masks it (eager attention).
+- Decode: the rows of one variant share a cache. Each step feeds every row its last token
+  at position ``n_i`` (its own cache length, which counts virtual tokens the way training
+  did). With eager or flash attention the rows are left-padded to a common end and the
+  padding masked; with sdpa a row joins at the cache's start and ends where its own
+  tokens end (``Row.lag``), and attention reads, in runs of rows with similar extents
+  (``attention.plan_runs``), only each run's columns.
 - Continuous batching: a finished row leaves between steps (its cache rows are dropped
   and the common padding trimmed) and a waiting request is prefilled into the free slot.
 Rows that use different variants (tuned, base, another run) have a cache each and one
