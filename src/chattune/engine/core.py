@@ -65,6 +65,7 @@ from chattune.engine.lookup import DRAFT_TOKENS, Lookup
 from chattune.engine.packed import PackedLinears
 from chattune.engine.requests import Answer, PromptTooLong, Request
 from chattune.engine.sampling import choose, noise_seed, penalise
+from chattune.engine.step import step_inputs
 from chattune.engine.text import TextTracker
 from chattune.errors import UserError
 
@@ -294,36 +295,16 @@ class Engine:
         variant, width, device = self.variants[names[0]], lane.width, self.device
         with attention.decode_steps(variant.inner) as ours:
             drafts = [self._draft(r) for r in rows] if ours and self.draft_tokens else [[] for _ in rows]
-            counts = [1 + len(d) for d in drafts]  # tokens each row feeds
-            flat = len(rows) < sum(counts) or any(r.lag for r in rows)
-            mask, extra = None, {}
-            if not flat:  # one token a row, every row ending at the cache's end
-                ids = torch.tensor([[r.last] for r in rows], device=device)  # (B, 1)
-                positions = torch.tensor([[r.length] for r in rows], device=device)
-                starts = [width - r.length for r in rows]
-                if ours and any(starts):  # attend in runs of rows, each over its own positions
-                    extra["kv_plan"] = attention.plan_runs(starts, [width + 1] * len(rows), device)
-                elif any(starts):
-                    mask = (torch.arange(width + 1, device=device)[None, :] >= torch.tensor(starts, device=device)[:, None]).long()
-            else:  # N flat tokens, one a batch row: [last, *draft] of each row (attention.Plan)
-                tokens = [(i, j) for i, c in enumerate(counts) for j in range(c)]
-                ids = torch.tensor([[rows[i].last if j == 0 else drafts[i][j - 1]] for i, j in tokens], device=device)
-                positions = torch.tensor([[rows[i].length + j] for i, j in tokens], device=device)  # (N, 1)
-                kv.write(lane.cache, kv.Writes(torch.tensor([i for i, _ in tokens], device=device),
-                                               torch.tensor([j - rows[i].lag for i, j in tokens], device=device),
-                                               max(c - r.lag for r, c in zip(rows, counts))))
-                extra["kv_plan"] = attention.plan_runs([width - r.lag - r.length for r in rows],
-                                                       [width - r.lag + c for r, c in zip(rows, counts)], device, counts)
-                names = [names[i] for i, _ in tokens]
-            out = None
+            step = step_inputs(rows, drafts, width, ours, device)
+            if step.flat:
+                kv.write(lane.cache, step.writes)
+                names = [names[i] for i in step.owners]
             with self._context(names), self._autocast(), self.packed[names[0]]():
-                out = variant.inner(input_ids=ids, position_ids=positions, attention_mask=mask,
-                                    past_key_values=lane.cache, use_cache=True, **extra)
+                out = variant.inner(input_ids=step.ids, position_ids=step.positions, attention_mask=step.mask,
+                                    past_key_values=lane.cache, use_cache=True, **step.extra)
         logits = out.logits[:, -1, :]  # (N, V)
-        firsts = [0]
-        for c in counts[:-1]:
-            firsts.append(firsts[-1] + c)
-        chosen = self._choose(logits[firsts] if flat else logits, rows, lane.seen)
+        firsts = step.firsts
+        chosen = self._choose(logits[firsts] if step.flat else logits, rows, lane.seen)
         # a greedy row without a penalty chooses by its logits alone: its drafts' choices at once
         plain = logits.float().argmax(-1).tolist() if any(d and _plain(r) for r, d in zip(rows, drafts)) else None
         keep, taken = [], []
@@ -346,7 +327,7 @@ class Engine:
                 self._finish(row)
             else:
                 keep.append(i)
-        if flat:  # the cache ends after the row that went furthest; the others lag behind it
+        if step.flat:  # the cache ends after the row that went furthest; the others lag behind it
             moved = max(a - r.lag for r, a in zip(rows, taken))
             kv.advance(lane.cache, moved)
             for r, a in zip(rows, taken):
