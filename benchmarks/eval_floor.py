@@ -14,7 +14,10 @@ and counts, in float32:
   every linear layer and causal attention.
 Matmul work is priced at the large-matmul peak (``matmul_peak.py``: a 1024^3 matmul, far
 more efficient than the 32-row matrices of a decode step), cache reads at the read
-bandwidth of a sum over a 1 GiB tensor. Only first turns are counted and LoRA's low-rank
+bandwidth of a sum over a 1 GiB tensor. The engine decodes and prefills in the weights'
+float32; the reference-answer loss runs under the run's autocast (bf16 where ``precision``
+auto found bf16 instructions, as training did), so that phase is priced at that dtype's
+peak. Only first turns are counted and LoRA's low-rank
 terms, norms, sampling and Python are left out, so this is a bound no engine on this
 machine beats: what an eval's time is compared with. Prints the work and the floor per
 phase, and as the last line one JSON object (with ``--wall``, also wall / floor).
@@ -37,6 +40,7 @@ from matmul_peak import matmul_flops  # noqa: E402
 from chattune.data.questions import read_questions  # noqa: E402
 from chattune.evaluate.run import _reference_samples  # noqa: E402
 from chattune.generate import load_run  # noqa: E402
+from chattune.models import autocast_dtype  # noqa: E402
 
 
 def read_bandwidth(gib: float = 1.0, seconds: float = 2.0) -> float:
@@ -91,7 +95,7 @@ def count(run, eval_dir: Path) -> dict:
             "reference_tokens": [n for n in samples for _ in models]}
 
 
-def floor(work: dict, shape: dict, flops: float, bandwidth: float) -> dict:
+def floor(work: dict, shape: dict, flops: float, bandwidth: float, loss_flops: float | None = None) -> dict:
     linear = 2 * (shape["linear_weights"] + shape["head_weights"])  # FLOPs a token
     body = 2 * shape["linear_weights"]
 
@@ -102,7 +106,7 @@ def floor(work: dict, shape: dict, flops: float, bandwidth: float) -> dict:
         "decode_linear": work["decode_steps"] * linear / flops,
         "decode_cache_reads": work["positions_read"] * shape["cache_bytes_per_position"] / bandwidth,
         "prefill": sum(n * body + 2 * shape["head_weights"] + causal(n) for n in work["prompt_tokens"]) / flops,
-        "reference_loss": sum(n * linear + causal(n) for n in work["reference_tokens"]) / flops,
+        "reference_loss": sum(n * linear + causal(n) for n in work["reference_tokens"]) / (loss_flops or flops),
     }
     return phases
 
@@ -117,19 +121,24 @@ def main() -> None:
     work = count(run, Path(args.eval_dir))
     shape = model_shape(run.model)
     flops, bandwidth = matmul_flops(torch.float32), read_bandwidth()
-    phases = floor(work, shape, flops, bandwidth)
+    loss_dtype = autocast_dtype(run.cfg.train.precision, torch.device("cpu"))  # what eval's loss runs under
+    loss_flops = matmul_flops(loss_dtype) if loss_dtype is not None else flops
+    phases = floor(work, shape, flops, bandwidth, loss_flops)
     phases = {k: round(v, 1) for k, v in phases.items()}
     total = round(sum(phases.values()), 1)
     print(f"{work['answers']} answers, {work['decode_steps']} decode-step tokens, {work['positions_read']:,} cache positions "
           f"read, {sum(work['prompt_tokens']):,} prompt tokens prefilled, {sum(work['reference_tokens']):,} "
           f"reference-loss tokens")
-    print(f"machine: {flops / 1e9:.0f} GFLOP/s float32 matmul peak, {bandwidth / 1e9:.1f} GB/s read bandwidth")
+    print(f"machine: {flops / 1e9:.0f} GFLOP/s float32 matmul peak, {bandwidth / 1e9:.1f} GB/s read bandwidth"
+          + (f"; the loss under {loss_dtype} autocast: {loss_flops / 1e9:.0f} GFLOP/s" if loss_dtype else ""))
     for k, v in phases.items():
         print(f"{k:20s} {v:8.1f} s")
     print(f"{'floor':20s} {total:8.1f} s" + (f"  (the eval took {args.wall:.0f} s: {args.wall / total:.2f}x)"
                                              if args.wall else ""))
     out = {"work": {k: (sum(v) if isinstance(v, list) and k != "models" else v) for k, v in work.items()},
-           "model": shape, "gflops": round(flops / 1e9, 1), "read_gb_s": round(bandwidth / 1e9, 2),
+           "model": shape, "gflops": round(flops / 1e9, 1),
+           "loss_dtype": str(loss_dtype or torch.float32), "loss_gflops": round(loss_flops / 1e9, 1),
+           "read_gb_s": round(bandwidth / 1e9, 2),
            "floor_s": phases, "floor_total_s": total}
     if args.wall:
         out["wall_s"], out["wall_over_floor"] = args.wall, round(args.wall / total, 2)

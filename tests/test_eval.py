@@ -188,6 +188,11 @@ def test_eval_floor_counts_the_work_the_eval_did(run_dir, tmp_path):
     phases = eval_floor.floor(work, shape, flops=1e9, bandwidth=1e9)
     assert all(v > 0 for v in phases.values()), phases
     assert eval_floor.floor(work, shape, flops=2e9, bandwidth=1e9)["prefill"] < phases["prefill"]
+    # a bf16 run's loss runs under autocast (its own peak); decode and prefill stay float32
+    faster_loss = eval_floor.floor(work, shape, flops=1e9, bandwidth=1e9, loss_flops=4e9)
+    assert faster_loss["reference_loss"] == pytest.approx(phases["reference_loss"] / 4)
+    assert {k: v for k, v in faster_loss.items() if k != "reference_loss"} == \
+        {k: v for k, v in phases.items() if k != "reference_loss"}
 
 
 def test_sampled_answers_are_reproducible_and_differ_from_greedy(run_dir, tmp_path):
