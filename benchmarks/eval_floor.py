@@ -4,7 +4,7 @@ measured matmul peak and memory bandwidth.
     .venv/bin/python benchmarks/eval_floor.py RUN RUN/eval-NAME [--wall SECONDS]
 
 Reads the eval's own ``answers.jsonl`` and ``result.json`` (written by ``chattune eval``)
-and counts, in float32:
+and counts:
 - decode: every answer token after the first (which prefill chooses) runs every linear
   layer once (2 FLOPs a weight) and reads its row's cache, keys and values of every layer
   for the prompt and the answer so far;
