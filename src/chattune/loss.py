@@ -88,18 +88,21 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return _CrossEntropy.apply(logits, targets)
 
 
-def token_losses(model, batch: dict, targets: torch.Tensor, full_logits: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token cross-entropy (N,) at the positions of ``keep = targets != IGNORE_INDEX`` (B, T).
-    ``full_logits`` projects every position first, as HF models do by default (to measure the cost)."""
-    keep = targets != IGNORE_INDEX  # (B, T)
+def answer_logits(model, batch: dict, keep: torch.Tensor, full_logits: bool = False) -> torch.Tensor:
+    """(N, V) logits at the True positions of ``keep`` (B, T). ``full_logits`` projects every
+    position first, as HF models do by default (to measure the cost)."""
     if full_logits:
         logits = model(**model_inputs(batch), use_cache=False).logits  # (B, T + virtual, V)
-        logits = logits[:, logits.shape[1] - keep.shape[1]:][keep]  # (N, V)
-    else:
-        with selected_logits(model, keep):
-            logits = model(**model_inputs(batch), use_cache=False).logits  # (N, V)
-    return cross_entropy(logits, targets[keep]), keep
+        return logits[:, logits.shape[1] - keep.shape[1]:][keep]  # (N, V)
+    with selected_logits(model, keep):
+        return model(**model_inputs(batch), use_cache=False).logits  # (N, V)
+
+
+def token_losses(model, batch: dict, targets: torch.Tensor, full_logits: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token cross-entropy (N,) at the positions of ``keep = targets != IGNORE_INDEX`` (B, T)."""
+    keep = targets != IGNORE_INDEX  # (B, T)
+    return cross_entropy(answer_logits(model, batch, keep, full_logits), targets[keep]), keep
 
 
 def token_loss_sum(model, batch: dict, targets: torch.Tensor | None = None, full_logits: bool = False

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from chattune.data import IGNORE_INDEX, collate, prepare
 from chattune.data.pairs import prepare_pairs, split_pair
 from chattune.evaluate import loss_on_samples
-from chattune.loss import shift_targets, token_loss_sum, token_losses
+from chattune.loss import answer_logits, cross_entropy, shift_targets, token_loss_sum, token_losses
+from chattune.unlikelihood import answer_runs, unlikelihood_sum
 
 PREFERENCE = ("dpo", "ipo", "simpo", "orpo")
 DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "simpo": 2.0, "orpo": 0.1}
@@ -44,12 +45,19 @@ EXTRA_KEYS = ("segment_ids", "pairs", "ref_logps")  # batch entries the model mu
 
 
 class SFT:
-    """Next-token cross-entropy on the answer tokens, averaged over all of them."""
+    """Next-token cross-entropy on the answer tokens, averaged over all of them; with
+    ``unlikelihood_alpha`` > 0, plus that times the token-level unlikelihood term against
+    repeating the answer's own earlier tokens (``chattune.unlikelihood``)."""
 
     name = "sft"
     needs_reference = False
     segments = 1  # sequences per sample: a packed row holds max_length * segments tokens
     metrics: tuple[str, ...] = ()
+
+    def __init__(self, unlikelihood_alpha: float = 0.0):
+        self.unlikelihood_alpha = unlikelihood_alpha
+        if unlikelihood_alpha > 0:
+            self.metrics = ("token_ce", "unlikelihood")  # per answer token, logged beside the total
 
     def prepare(self, data_cfg, tokenizer):
         return prepare(data_cfg, tokenizer)
@@ -61,8 +69,15 @@ class SFT:
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     def loss(self, model, batch: dict, full_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        loss, _ = token_loss_sum(model, batch, full_logits=full_logits)
-        return loss, torch.zeros(0, dtype=torch.float64)
+        if not self.unlikelihood_alpha:
+            loss, _ = token_loss_sum(model, batch, full_logits=full_logits)
+            return loss, torch.zeros(0, dtype=torch.float64)
+        targets = shift_targets(batch["labels"])
+        keep = targets != IGNORE_INDEX  # (B, T)
+        logits = answer_logits(model, batch, keep, full_logits)  # (N, V)
+        ce = cross_entropy(logits, targets[keep]).sum()
+        ul = unlikelihood_sum(logits, targets[keep], answer_runs(keep))
+        return ce + self.unlikelihood_alpha * ul, torch.stack([ce.detach(), ul.detach()]).double().cpu()
 
     def validate(self, model, samples, pad_id, batch_size, device, dtype=None) -> float:
         return loss_on_samples(model, samples, pad_id, batch_size, device, dtype)["loss"]
@@ -203,7 +218,7 @@ def get_objective(train_args) -> SFT:
     """The objective ``train.objective`` names, with its settings."""
     t = train_args
     if t.objective == "sft":
-        return SFT()
+        return SFT(t.unlikelihood_alpha)
     return Preference(t.objective, t.beta, t.label_smoothing, t.simpo_gamma, t.orpo_alpha, t.sft_weight)
 
 

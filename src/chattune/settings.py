@@ -64,6 +64,9 @@ class TrainArgs:
     neftune_alpha: float = field(0.0, help="NEFTune (Jain et al. 2023): uniform noise of scale alpha/sqrt(L*d) on the "
                                            "input embeddings while training, L each conversation's length; 5 in the "
                                            "paper; 0: off")
+    unlikelihood_alpha: float = field(0.0, help="SFT: weight of token-level unlikelihood (Welleck et al. 2020) "
+                                      "pushing each answer away from its own earlier tokens, against loops; "
+                                      "1 in the paper; 0: off")
     packing: bool | None = field(None, help="pack several conversations per row (default: on where the method supports it)")
     packed_layout: Literal["auto", "flat", "mask"] = field(
         "auto", help="how packed conversations reach attention. flat: one row without padding, attention run per "
@@ -102,6 +105,10 @@ class TrainArgs:
             raise UserError("train.max_tokens must be >= 1")
         if self.neftune_alpha < 0:
             raise UserError(f"train.neftune_alpha must be >= 0 (0: off), got {self.neftune_alpha}")
+        if self.unlikelihood_alpha < 0:
+            raise UserError(f"train.unlikelihood_alpha must be >= 0 (0: off), got {self.unlikelihood_alpha}")
+        if self.unlikelihood_alpha and self.objective != "sft":
+            raise UserError("train.unlikelihood_alpha applies to train.objective sft only")
         if self.lr <= 0 or self.epochs <= 0:
             raise UserError("train.lr and train.epochs must be positive")
         if self.beta is not None and self.beta <= 0:
