@@ -12,6 +12,7 @@ process. Variants:
   full-logits     LM-head logits at every position, as HF models compute them
   compile         torch.compile (inductor) on top of the default
   1-thread        OMP_NUM_THREADS=1 instead of one thread per core
+  unlikelihood    train.unlikelihood_alpha=1 on top of the default (what the anti-loop term costs)
 
     .venv/bin/python benchmarks/levers.py --model gpt2 --steps 8
 """
@@ -35,6 +36,7 @@ VARIANTS = {
     "full-logits": (["train.loss_logits=full"], {}),
     "compile": (["train.compile=true"], {}),
     "1-thread": ([], {"OMP_NUM_THREADS": "1"}),
+    "unlikelihood": (["train.unlikelihood_alpha=1"], {}),
 }
 
 
