@@ -12,6 +12,7 @@ reuse (the same reason the engine's repetition penalty skips prompt tokens), and
 answers of a conversation or other conversations packed into the row are left out.
 An answer is a maximal run of loss-bearing positions in a row: prompts and padding carry
 no loss, so they separate answers in every layout (padded, mask-packed, flat-packed).
+EOS ends its answer, so it is never an earlier token of one: stopping is never penalised.
 
 Written here because neither transformers, TRL nor PEFT ship an unlikelihood loss. The
 candidates are taken per chunk of positions over their own answer's span, so the cost is
