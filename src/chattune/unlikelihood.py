@@ -56,9 +56,7 @@ def unlikelihood_sum(logits: torch.Tensor, targets: torch.Tensor, runs: torch.Te
         return total
     first = first_occurrences(targets, runs)
     pos = torch.arange(n, device=targets.device)
-    is_start = torch.ones(n, dtype=torch.bool, device=targets.device)
-    is_start[1:] = runs[1:] != runs[:-1]
-    run_start = torch.cummax(torch.where(is_start, pos, torch.zeros_like(pos)), 0).values  # each answer's first
+    run_start = torch.searchsorted(runs, runs)  # (N,) each position's answer's first position (runs ascend)
     for a in range(0, n, CHUNK):
         b = min(a + CHUNK, n)
         lo = int(run_start[a])  # earliest candidate any row of the chunk can have
