@@ -23,7 +23,7 @@ SEED_CHARS = {"prompt": (10, 1000), "response": (10, 1500)}  # the notebook's fi
 # -- models and data ------------------------------------------------------------------------------
 def model_dir(name: str) -> Path:
     """A HF directory for ``name``: the built-in smollm2-135m, or GPT-2 124M with random weights."""
-    from chattune.models import cache_dir, resolve
+    from chattune.models.loading import cache_dir, resolve
 
     if name != "gpt2":
         return Path(resolve(name))

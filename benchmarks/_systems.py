@@ -51,7 +51,7 @@ def device_info(gpu: bool) -> dict:
 def lora_config(model, spec: dict):
     from peft import LoraConfig, TaskType
 
-    from chattune.models import default_targets
+    from chattune.models.loading import default_targets
 
     model_type = model.config.model_type
     return LoraConfig(task_type=TaskType.CAUSAL_LM, r=spec["lora_r"], lora_alpha=spec["lora_alpha"],

@@ -17,7 +17,7 @@ over one row).
 and the others are the usual short ones, so the shared cache is mostly padding: decode
 steps with the padding masked (one sdpa per layer over every position), with attention
 row by row on each row's own positions, and as the engine plans them (runs of rows,
-``chattune.attention.plan_runs``), for the ratios ``masked_vs_planned`` and
+``chattune.models.attention.plan_runs``), for the ratios ``masked_vs_planned`` and
 ``row_by_row_vs_planned`` per long length.
 """
 

@@ -39,8 +39,8 @@ from matmul_peak import matmul_flops  # noqa: E402
 
 from chattune.data.questions import read_questions  # noqa: E402
 from chattune.evaluate.run import _reference_samples  # noqa: E402
-from chattune.generate import load_run  # noqa: E402
-from chattune.models import autocast_dtype  # noqa: E402
+from chattune.generate.loaded import load_run  # noqa: E402
+from chattune.models.loading import autocast_dtype  # noqa: E402
 
 
 def read_bandwidth(gib: float = 1.0, seconds: float = 2.0) -> float:

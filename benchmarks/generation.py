@@ -195,7 +195,7 @@ def bf16_check(name: str, n_req: int, max_new: int, c: int = 16) -> dict:
 def lanes_check(name: str, n_req: int, max_new: int, c: int = 16) -> dict:
     """eval's workload: a LoRA run's tuned and base answers to the same prompts, tuned and
     base rows in one forward per step (the method's route) against one forward per variant."""
-    from chattune.generate import method_variants
+    from chattune.generate.loaded import method_variants
     from chattune.methods import get_method
 
     m = get_method("lora")

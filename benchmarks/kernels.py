@@ -2,11 +2,11 @@
 
     .venv/bin/python benchmarks/kernels.py
 
-1. Attention of one packed conversation (``chattune.attention``): causal sdpa forward +
+1. Attention of one packed conversation (``chattune.models.attention``): causal sdpa forward +
    backward on (1, heads, n, head_dim) at SmolLM2's shape (9 heads x 64), for typical
    conversation lengths n: torch's flash kernel in bfloat16 (what autocast picks), the same
    kernel in float32 (what chattune runs on CPU), and the math kernel.
-2. Cross-entropy of the loss positions' bf16 logits (N, 49,152) (``chattune.loss``):
+2. Cross-entropy of the loss positions' bf16 logits (N, 49,152) (``chattune.training.loss``):
    chattune's chunked function against ``F.cross_entropy(logits.float())``, forward + backward.
 3. Collation of one step's packed row of 4 conversations (``chattune.data.collate``), flat
    and with the 4D mask: the data work left on the step's critical path.
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from chattune.data import collate
-from chattune.loss import cross_entropy
+from chattune.training.loss import cross_entropy
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -82,7 +82,7 @@ def main() -> None:
           for name, ours in (("torch_float", False), ("chattune", True))}
     out["cross_entropy_ms"] = ms
     print(f"\ncross-entropy forward + backward of ({args.rows}, {vocab}) bf16 logits (ms, median)")
-    print("| torch, logits.float() | chattune.loss.cross_entropy | speed-up |")
+    print("| torch, logits.float() | chattune.training.loss.cross_entropy | speed-up |")
     print("|---:|---:|---:|")
     print(f"| {ms['torch_float']:.1f} | {ms['chattune']:.1f} | {ms['torch_float'] / ms['chattune']:.2f}x |")
     lengths = [93, 194, 104, 112]  # a throughput.py step's conversations

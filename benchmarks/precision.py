@@ -46,7 +46,7 @@ def val_loss_fp32(run_dir: str, samples: int) -> tuple[float, int]:
 
     from chattune.data import prepare
     from chattune.evaluate import loss_on_samples
-    from chattune.generate import load_run
+    from chattune.generate.loaded import load_run
 
     run = load_run(run_dir)
     val = prepare(run.cfg.data, run.tokenizer).splits["validation"][:samples]

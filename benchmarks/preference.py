@@ -8,7 +8,7 @@ chosen over gpt-3.5-turbo-0125's, selected by chattune's pair pipeline (training
 first ``steps x batch`` pairs. Both systems train LoRA (r=8, alpha=16, dropout 0.05 (both
 switch dropout off for DPO), the model's default targets), DPO beta 0.1, the same learning
 rate and cosine schedule without warmup, the same precision (bf16 autocast where the CPU has
-bf16 instructions, float32 elsewhere: ``chattune.models.autocast_dtype("auto")``), for the same number of optimiser
+bf16 instructions, float32 elsewhere: ``chattune.models.loading.autocast_dtype("auto")``), for the same number of optimiser
 steps of ``batch`` pairs each, in their own process (each its own peak RSS):
 
   trl       DPOTrainer + PEFT; its reference is the adapter switched off, one more forward per step
@@ -91,7 +91,7 @@ def run_trl(spec: dict) -> dict:
 
     sys.path.insert(0, str(REPO / "src"))
     from chattune.data.render import SEED_ASSISTANT, SEED_USER
-    from chattune.models import autocast_dtype, default_targets, resolve
+    from chattune.models.loading import autocast_dtype, default_targets, resolve
 
     path = resolve(spec["model"])
     tok = AutoTokenizer.from_pretrained(path)

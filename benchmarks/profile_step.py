@@ -29,8 +29,8 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
     from transformers import AutoTokenizer
 
-    from chattune.settings import build_config
-    from chattune.train import Trainer
+    from chattune.training.settings import build_config
+    from chattune.training.loop import Trainer
 
     directory = throughput.model_dir(args.model)
     work = Path(tempfile.mkdtemp(prefix="chattune-profile-"))

@@ -13,7 +13,9 @@ import pathlib
 import signal
 import sys
 
-from chattune import checkpoint, cli, train
+from chattune import cli
+from chattune.training import checkpoint
+from chattune.training import loop as train
 
 KILL_AT = int(os.environ.get("CHATTUNE_KILL_AT", "0"))
 TRACE = os.environ.get("CHATTUNE_KILL_TRACE")  # print each point (to choose them for a test)

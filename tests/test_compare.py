@@ -95,7 +95,7 @@ def test_base_row_is_computed_once_with_the_method_off(compared, tiny_dirs):
 
     from chattune.data import prepare
     from chattune.evaluate import loss_on_samples
-    from chattune.generate import load_run
+    from chattune.generate.loaded import load_run
 
     out, base = compared["out"], compared["results"]["base"]
     cfg = load_run(out / "lora").cfg

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chattune import attention
+from chattune.models import attention
 from chattune.data import IGNORE_INDEX, DataConfig, batch_plan, collate, prepare
 from conftest import build_model
 
@@ -106,7 +106,7 @@ def test_packed_losses_equal_unpacked(tiny_tokenizer, arch, attn):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_flat_packed_losses_and_gradients_equal_unpacked(tiny_tokenizer, arch):
-    """One flat row with attention per conversation (chattune.attention) gives each
+    """One flat row with attention per conversation (chattune.models.attention) gives each
     conversation's own losses, and the same gradients as running them one by one."""
     data = prepare(DataConfig(max_length=96), tiny_tokenizer)
     samples = data.splits["train"][:12]

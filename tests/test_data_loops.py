@@ -9,7 +9,7 @@ import pytest
 
 from chattune.data import DataConfig, load_conversations
 from chattune.errors import UserError
-from chattune.textstats import repeated_ngram_rate
+from chattune.data.textstats import repeated_ngram_rate
 
 LOOP = "A doctor treats a patient. " * 12  # 60 words, 57 4-grams of which 5 are distinct
 FINE = "Python is a programming language created by Guido van Rossum and first released in 1991."

@@ -12,7 +12,7 @@ from chattune.data import DataConfig, prepare
 from chattune.engine import GREEDY, Engine, Request, SamplingParams, Variant
 from chattune.engine.sampling import penalise
 from chattune.engine.text import TextTracker
-from chattune.generate import method_variants
+from chattune.generate.loaded import method_variants
 from chattune.methods import get_method
 from tiny import make_model, make_tokenizer
 
@@ -77,7 +77,7 @@ def test_batched_greedy_equals_sequential_greedy(method, arch, runs, tokenizer, 
     """Also with padded decode steps attending in runs of rows as planned, row by row, or
     all rows in one masked run (attention.plan_runs), and with every linear layer on the
     packed kernel (engine/packed.py), tiny ones included."""
-    from chattune import attention
+    from chattune.models import attention
     from chattune.engine import packed
 
     calls, packed_calls = [], []

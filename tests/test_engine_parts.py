@@ -52,7 +52,7 @@ def test_rows_whose_drafts_are_rejected_draft_less_and_runs_of_kept_ones_draft_m
 def test_decode_attention_equals_transformers_sdpa(heads):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from chattune import attention
+    from chattune.models import attention
 
     h, hkv = heads
     torch.manual_seed(0)
@@ -86,7 +86,7 @@ def test_flat_tokens_of_rows_feeding_several_attend_up_to_their_own_positions(co
     token alone over them would."""
     from transformers.integrations.sdpa_attention import repeat_kv
 
-    from chattune import attention
+    from chattune.models import attention
 
     h, hkv, d, width = 4, 2, 8, 12
     counts, starts, ends = [1, 3, 2], [0, 4, 2], [9, 12, 7]  # row i's tokens: the last counts[i] of its positions
@@ -115,7 +115,7 @@ def test_flat_tokens_of_rows_feeding_several_attend_up_to_their_own_positions(co
 
 
 def test_plan_runs_groups_rows_of_like_length_and_leaves_a_long_row_out():
-    from chattune import attention
+    from chattune.models import attention
 
     # rows 0-3 share a prompt (one start), row 4 is 1,500 positions longer, rows 5-6 close
     starts = [1500, 1500, 1500, 1500, 0, 1480, 1490]

@@ -171,7 +171,7 @@ def test_eval_floor_counts_the_work_the_eval_did(run_dir, tmp_path):
     sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
     import eval_floor
 
-    from chattune.generate import load_run
+    from chattune.generate.loaded import load_run
 
     out = evaluate(run_dir, tmp_path / "e", "--prompts", str(ARENA_HARD))
     run = load_run(run_dir)

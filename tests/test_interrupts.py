@@ -100,7 +100,7 @@ def test_a_second_process_on_a_live_run_is_refused_naming_its_pid(tiny_dirs, tmp
 
 def test_compare_respects_the_lock(tmp_path, capsys):
     out = tmp_path / "cmp"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from chattune.runguard import RunLock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from chattune.training.runguard import RunLock\n"
                                f"with RunLock(__import__('pathlib').Path({str(out)!r}), 'compare'):\n"
                                "    print('held', flush=True); time.sleep(120)"],
                               stdout=subprocess.PIPE, text=True, env=ENV)
@@ -187,7 +187,7 @@ def test_a_second_signal_after_the_run_stopped_exits_without_a_traceback():
     """The first Ctrl-C stopped the run and its block is left; a second one on the way out
     (a tiny model's step is shorter than a double press) ends the process with one line."""
     code = ("import os, signal, time\n"
-            "from chattune.runguard import Interrupts\n"
+            "from chattune.training.runguard import Interrupts\n"
             "with Interrupts() as stop:\n"
             "    os.kill(os.getpid(), signal.SIGINT)\n"
             "    time.sleep(0.1)\n"

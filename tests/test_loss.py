@@ -1,4 +1,4 @@
-"""chattune.loss.cross_entropy against torch's: the same losses and gradients."""
+"""chattune.training.loss.cross_entropy against torch's: the same losses and gradients."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chattune.loss import _CrossEntropy, cross_entropy
+from chattune.training.loss import _CrossEntropy, cross_entropy
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from chattune.cli import main
 from chattune.data import DataConfig, batch_plan, collate, prepare
 from chattune.engine import GREEDY, Engine, Request, Variant
-from chattune.loss import token_loss_sum
+from chattune.training.loss import token_loss_sum
 from chattune.methods import all_methods, count_parameters, get_method
 from chattune.methods.adapter import AdapterConfig, trainable_param_formula
 from tiny import make_model, make_tokenizer, tiny_dirs  # noqa: F401  (fixture)
@@ -171,7 +171,7 @@ def test_trainable_parameter_count_matches_formula(method, arch, tokenizer):
 def test_export_gives_the_runs_logits(method, arch, tiny_dirs, tmp_path, capsys):
     from peft import PeftModel
 
-    from chattune.generate import load_run
+    from chattune.generate.loaded import load_run
     from chattune.methods import adapter
 
     run_dir, out = tmp_path / "run", tmp_path / "export"
@@ -228,7 +228,7 @@ def test_prefix_projection_trains_and_decodes_with_the_cache(arch, tokenizer, ba
 @pytest.mark.parametrize("method", METHODS)
 def test_frozen_weights_stored_in_bf16_change_nothing_under_autocast(method, arch, tokenizer, batch):
     """Training stores frozen matmul weights in the autocast dtype: same loss, same gradients."""
-    from chattune.train import store_frozen_weights_in
+    from chattune.training.loop import store_frozen_weights_in
 
     _, model, _ = fresh(method, arch, tokenizer)
     model.train()

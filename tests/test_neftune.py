@@ -11,8 +11,8 @@ import torch
 from chattune.cli import main
 from chattune.data import collate
 from chattune.errors import UserError
-from chattune.neftune import add_neftune, sequence_lengths
-from chattune.settings import TrainArgs
+from chattune.training.neftune import add_neftune, sequence_lengths
+from chattune.training.settings import TrainArgs
 from conftest import build_model
 from tiny import tiny_dirs  # noqa: F401  (fixture)
 

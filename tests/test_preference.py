@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from chattune import attention
+from chattune.models import attention
 from chattune.cli import main
 from chattune.data import DataConfig, batch_plan
 from chattune.data.pairs import prepare_pairs, split_pair
 from chattune.methods import all_methods, get_method
-from chattune.objectives import Preference, collate_pairs, pair_logps
+from chattune.training.objectives import Preference, collate_pairs, pair_logps
 from conftest import build_model
 from test_train import _cli, metrics
 from tiny import kill_after_checkpoint, tiny_dirs  # noqa: F401  (fixture)
@@ -157,7 +157,7 @@ def test_killed_and_resumed_dpo_equals_uninterrupted(tiny_dirs, tmp_path):
 
 
 def test_sft_then_dpo_with_init_from_and_eval(tiny_dirs, tmp_path, capsys):
-    from chattune.reference import load_reference
+    from chattune.training.reference import load_reference
 
     sft = tmp_path / "sft"
     assert main(pref_args(tiny_dirs["llama"], sft, "--max-steps", "4", "--lr", "3e-2")) == 0
@@ -216,7 +216,7 @@ def test_sigterm_during_the_reference_pass_stops_it_and_resume_recomputes_it(tin
     import os
     import signal
 
-    import chattune.objectives as objectives
+    import chattune.training.objectives as objectives
 
     common = ["--objective", "dpo", "--max-steps", "3", "--lr", "3e-3", "--batch-size", "1", "--no-packing"]
     straight = tmp_path / "straight"

@@ -149,7 +149,7 @@ def test_no_good_checkpoint_ends_in_exit_2(run, capsys):
 
 
 def test_shapes_are_checked_before_the_optimiser_is_touched(tiny_dirs, tmp_path):
-    from chattune.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from chattune.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, get_constant_schedule
 
@@ -188,7 +188,8 @@ def test_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tiny_dirs, tmp_
                                                                  code, reason, target):
     import builtins
 
-    from chattune import checkpoint, train
+    from chattune.training import checkpoint
+    from chattune.training import loop as train
     from chattune.methods import REGISTRY, get_method
 
     get_method("lora")  # fills the registry
@@ -224,7 +225,7 @@ def test_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tiny_dirs, tmp_
 
 
 def test_full_disk_while_starting_is_one_line(tiny_dirs, tmp_path, capsys, monkeypatch):
-    from chattune import train
+    from chattune.training import loop as train
 
     def full(obj, path):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))

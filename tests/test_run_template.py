@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from chattune.data import DataConfig
-from chattune.generate import LoadedRun
-from chattune.settings import RunConfig
+from chattune.generate.loaded import LoadedRun
+from chattune.training.settings import RunConfig
 from conftest import build_model
 
 

@@ -351,7 +351,7 @@ def test_the_adapter_directory_is_what_peft_and_vllm_load(runs):
     from peft import PeftConfig, get_peft_model, get_peft_model_state_dict
     from safetensors import safe_open
 
-    from chattune.models import load_model
+    from chattune.models.loading import load_model
 
     adapter = runs["lora"] / "adapter"
     files = {p.name for p in adapter.iterdir()}

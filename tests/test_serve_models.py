@@ -10,7 +10,7 @@ import torch
 
 from chattune.cli import main
 from chattune.engine import GREEDY, Engine
-from chattune.generate import load_run
+from chattune.generate.loaded import load_run
 from chattune.errors import UserError
 from chattune.serve.models import BASE, load_served, parse_specs
 from tiny import tiny_dirs  # noqa: F401  (fixture)

@@ -17,7 +17,7 @@ pytestmark = [
 
 
 def test_builtin_model_is_cached_and_reloads_in_seconds():
-    from chattune.models import load_model, resolve
+    from chattune.models.loading import load_model, resolve
 
     path = resolve("smollm2-135m")  # converts once if the cache is cold
     assert (path / "model.safetensors").is_file()

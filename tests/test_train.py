@@ -45,7 +45,7 @@ def test_saved_adapter_loads_with_plain_peft_and_gives_identical_logits(tiny_dir
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from chattune.generate import load_run
+    from chattune.generate.loaded import load_run
 
     out = tmp_path / "run"
     assert main(train_args(tiny_dirs["gpt2"], out, "--max-steps", "3", "--lr", "1e-2")) == 0
@@ -141,7 +141,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_checkpoint(tiny_dirs, tmp_path, 
 def test_eval_base_numbers_equal_untouched_base(tiny_dirs, tmp_path, capsys):
     from chattune.data import prepare
     from chattune.evaluate import loss_on_samples
-    from chattune.generate import load_run
+    from chattune.generate.loaded import load_run
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "run"
@@ -152,7 +152,7 @@ def test_eval_base_numbers_equal_untouched_base(tiny_dirs, tmp_path, capsys):
     run = load_run(out)
     samples = prepare(run.cfg.data, run.tokenizer).splits["test"]
     untouched = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"])
-    from chattune.models import autocast_dtype
+    from chattune.models.loading import autocast_dtype
 
     cpu = torch.device("cpu")
     ref = loss_on_samples(untouched, samples, run.tokenizer.pad_token_id, 8, cpu, autocast_dtype("auto", cpu))

@@ -8,15 +8,15 @@ import json
 import pytest
 import torch
 
-import chattune.unlikelihood as ul
-from chattune import attention
+import chattune.training.unlikelihood as ul
+from chattune.models import attention
 from chattune.cli import main
 from chattune.data import IGNORE_INDEX, collate
 from chattune.errors import UserError
-from chattune.loss import answer_logits, shift_targets, token_loss_sum
-from chattune.objectives import SFT, get_objective
-from chattune.settings import TrainArgs
-from chattune.unlikelihood import answer_runs, first_occurrences, unlikelihood_sum
+from chattune.training.loss import answer_logits, shift_targets, token_loss_sum
+from chattune.training.objectives import SFT, get_objective
+from chattune.training.settings import TrainArgs
+from chattune.training.unlikelihood import answer_runs, first_occurrences, unlikelihood_sum
 from conftest import build_model
 from tiny import tiny_dirs  # noqa: F401  (fixture)
 

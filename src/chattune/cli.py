@@ -13,7 +13,7 @@ import os
 import sys
 
 from chattune.errors import UserError
-from chattune.runguard import Interrupted
+from chattune.training.runguard import Interrupted
 
 COMMON_HELP = "common flags override the YAML config; any other key: --set section.key=value"
 
@@ -47,7 +47,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _flags(args) -> dict:
-    from chattune.settings import FLAG_KEYS
+    from chattune.training.settings import FLAG_KEYS
 
     return {k: getattr(args, k, None) for k in FLAG_KEYS}
 
@@ -55,15 +55,15 @@ def _flags(args) -> dict:
 def cmd_train(args) -> int:
     from pathlib import Path
 
-    from chattune.settings import FLAG_KEYS, build_config
-    from chattune.train import config_of, train
+    from chattune.training.settings import FLAG_KEYS, build_config
+    from chattune.training.loop import config_of, train
 
     if args.resume:
         if args.config:
             raise UserError("--resume reads the run's own config.yaml; do not pass --config with it")
         if args.output_dir and Path(args.output_dir).resolve() != Path(args.resume).resolve():
             raise UserError("--resume continues RUN in its own directory; drop --output-dir")
-        from chattune.resume import resume_config
+        from chattune.training.resume import resume_config
 
         given = {FLAG_KEYS[k]: v for k, v in _flags(args).items() if v is not None and k != "output_dir"}
         cfg, changed = resume_config(Path(args.resume), given, args.set)
@@ -76,8 +76,8 @@ def cmd_train(args) -> int:
     try:
         summary = train(cfg, resume=bool(args.resume))
     except OSError as e:  # a full disk outside the checkpoint/metrics writes (config, summary, ...)
-        from chattune.checkpoint import find_checkpoint
-        from chattune.runguard import DISK_ERRORS, write_error
+        from chattune.training.checkpoint import find_checkpoint
+        from chattune.training.runguard import DISK_ERRORS, write_error
 
         if e.errno not in DISK_ERRORS:
             raise
@@ -104,8 +104,8 @@ def cmd_eval(args) -> int:
 
     from chattune.evaluate import evaluate_run
     from chattune.evaluate.answers import export_answers, write_answers
-    from chattune.generate import load_run
-    from chattune.report import eval_table
+    from chattune.generate.loaded import load_run
+    from chattune.evaluate.report import eval_table
 
     run = load_run(args.run_dir)
     name = Path(args.prompts).stem if args.prompts else args.split
@@ -137,13 +137,13 @@ def cmd_eval(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from chattune.chat import chat
+    from chattune.generate.chat import chat
 
     return chat(args)
 
 
 def cmd_export(args) -> int:
-    from chattune.export import export
+    from chattune.generate.export import export
 
     print(export(args.run_dir, args.out))
     return 0
@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     try:
-        from chattune import compare
+        from chattune.compare import command as compare
 
         compare.add_parser(sub)
     except ImportError:
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as stop:  # a first Ctrl-C/SIGTERM: training wrote its checkpoint
         print(stop, file=sys.stderr, flush=True)
         return stop.exit_code
-    except KeyboardInterrupt as e:  # chattune.runguard.Abort (a second signal) carries its own code
+    except KeyboardInterrupt as e:  # chattune.training.runguard.Abort (a second signal) carries its own code
         print("chattune: interrupted", file=sys.stderr)
         return getattr(e, "exit_code", 130)
 

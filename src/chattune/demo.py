@@ -18,10 +18,10 @@ QUESTIONS = ["What's the capital of Italy?", "Why is the sky blue?", "Give me th
 def demo(args) -> int:
     from chattune.evaluate import evaluate_run
     from chattune.engine import GREEDY
-    from chattune.generate import load_run
-    from chattune.report import eval_table
-    from chattune.settings import RunConfig
-    from chattune.train import train
+    from chattune.generate.loaded import load_run
+    from chattune.evaluate.report import eval_table
+    from chattune.training.settings import RunConfig
+    from chattune.training.loop import train
 
     start = time.perf_counter()
     _clear_previous(Path(args.output_dir))

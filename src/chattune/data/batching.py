@@ -7,7 +7,7 @@ sees only itself: the per-token losses equal those of the conversations run one 
 - ``flat=True`` (the default for sdpa and flash-attention): the micro-batch's rows are
   concatenated into one row without padding, and ``cu_seq_lens_q``/``_k`` (the varlen
   kwargs of flash-attention) mark where each conversation starts; attention then runs
-  per conversation (``chattune.attention``).
+  per conversation (``chattune.models.attention``).
 - ``flat=False``: rows padded to the longest, with a block-diagonal 4D mask, which
   every attention implementation, eager included, understands.
 

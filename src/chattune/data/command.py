@@ -103,7 +103,7 @@ def _shown(conversations, prepared, tokenizer, n: int, seed: int, color: bool) -
 def _load_tokenizer(model: str | None, path: str | None):
     if model:
         try:
-            from chattune.models import load_tokenizer
+            from chattune.models.loading import load_tokenizer
         except ImportError:  # models.py not written yet: a local directory still works
             load_tokenizer = None
         if load_tokenizer is not None:

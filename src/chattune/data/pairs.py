@@ -17,7 +17,7 @@ rows make a pair:
 A rendered pair is one sample: the chosen conversation's tokens followed by the
 rejected one's, ``segments`` giving the two lengths. Batch plans and token budgets then
 treat a pair as one unit of ``sum(segments)`` tokens, so both answers always land in the
-same micro-batch; ``chattune.objectives`` splits them again at collation.
+same micro-batch; ``chattune.training.objectives`` splits them again at collation.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from chattune.data.config import DataConfig
 from chattune.data.sources import BadRow, Row, open_source
 from chattune.errors import UserError
-from chattune.textstats import repeated_ngram_rate
+from chattune.data.textstats import repeated_ngram_rate
 
 WINNER_SIDES = {"model_a": ["a"], "model_b": ["b"], "tie": ["a", "b"], "tie (bothbad)": []}
 

@@ -58,7 +58,7 @@ from typing import Callable, ContextManager
 
 import torch
 
-from chattune import attention
+from chattune.models import attention
 from chattune.engine import cache as kv
 from chattune.engine.lane import Lane, Row
 from chattune.engine.lookup import DRAFT_TOKENS, Lookup

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from chattune import attention
+from chattune.models import attention
 from chattune.engine import cache as kv
 from chattune.engine.lane import Row
 

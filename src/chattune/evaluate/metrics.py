@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from chattune.data import IGNORE_INDEX, collate
-from chattune.loss import shift_targets, token_losses
-from chattune.textstats import repeated_ngram_rate  # noqa: F401 (re-exported: seq-rep-n)
+from chattune.training.loss import shift_targets, token_losses
+from chattune.data.textstats import repeated_ngram_rate  # noqa: F401 (re-exported: seq-rep-n)
 
 LOOP = 0.2  # seq-rep-4 above this reads as a loop (Welleck et al. 2020 report ~0.4-0.6 for greedy GPT-2)
 RESAMPLES = 1000

@@ -47,8 +47,8 @@ def evaluate_run(run, split: str = "test", *, prompts: str | None = None, fmt: s
     budget = max_new_tokens or cfg.eval.max_new_tokens
     pairs = None
     if cfg.train.objective != "sft":  # a preference run is also judged on its held-out pairs
-        from chattune.models import autocast_dtype
-        from chattune.preference_eval import pair_accuracies
+        from chattune.models.loading import autocast_dtype
+        from chattune.evaluate.pairs import pair_accuracies
 
         device = next(run.model.parameters()).device
         pairs, held_out = pair_accuracies(run, split, max_samples, device, autocast_dtype(cfg.train.precision, device))
@@ -165,7 +165,7 @@ def _prompt_info(qs: QuestionSet, path: str | None, skipped: Counter) -> dict:
 
 
 def _metrics(run, qs: QuestionSet, answers: list[dict], samples: list[dict], models, decodings) -> dict:
-    from chattune.models import autocast_dtype
+    from chattune.models.loading import autocast_dtype
 
     encode = run.tokenizer
     refs = {qi: encode(q.reference, add_special_tokens=False)["input_ids"]

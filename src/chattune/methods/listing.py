@@ -8,7 +8,7 @@ from chattune.methods import all_methods, count_parameters
 
 
 def method_rows(model_name: str) -> list[dict]:
-    from chattune.models import load_model, load_tokenizer
+    from chattune.models.loading import load_model, load_tokenizer
 
     base = load_model(model_name)
     tokenizer = load_tokenizer(model_name)

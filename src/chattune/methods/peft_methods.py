@@ -20,7 +20,7 @@ from peft import (IA3Config, LoraConfig, PeftModel, PrefixTuningConfig, PromptTu
 from chattune.config import field
 from chattune.errors import UserError
 from chattune.methods import Method, register
-from chattune.models import default_targets
+from chattune.models.loading import default_targets
 
 
 @dataclass

@@ -36,11 +36,11 @@ from transformers import AutoTokenizer
 from chattune.config import from_dict, load_yaml
 from chattune.engine import Variant
 from chattune.errors import UserError
-from chattune.generate import LoadedRun, load_run
+from chattune.generate.loaded import LoadedRun, load_run
 from chattune.methods import adapter as bottleneck
 from chattune.methods import get_method
-from chattune.models import load_model
-from chattune.settings import RunConfig
+from chattune.models.loading import load_model
+from chattune.training.settings import RunConfig
 
 BASE = "base"
 # Loading order matters: a PEFT tuner loads its weights by module path, and every later

@@ -25,18 +25,20 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from chattune import attention, resume, runguard
-from chattune import checkpoint as ckpt
+from chattune.models import attention
+from chattune.training import resume
+from chattune.training import runguard
+from chattune.training import checkpoint as ckpt
 from chattune.config import save_yaml
 from chattune.data import batch_plan
 from chattune.errors import UserError
-from chattune.init_from import load_start_model
-from chattune.loss import unwrap
+from chattune.training.init_from import load_start_model
+from chattune.training.loss import unwrap
 from chattune.methods import count_parameters, get_method
-from chattune.models import autocast_dtype, load_tokenizer
-from chattune.neftune import add_neftune
-from chattune.objectives import MetricWindow, get_objective
-from chattune.settings import RunConfig
+from chattune.models.loading import autocast_dtype, load_tokenizer
+from chattune.training.neftune import add_neftune
+from chattune.training.objectives import MetricWindow, get_objective
+from chattune.training.settings import RunConfig
 
 
 def store_frozen_weights_in(model, dtype: torch.dtype) -> int:

@@ -3,7 +3,7 @@ trained weights merged into it, as in the usual SFT-then-DPO pipeline.
 
 The earlier run is rebuilt with its own method and merged into plain weights, and the new
 run's method is applied on top; its reference log-probs are then the earlier run's
-(``chattune.reference``). Loading a run that was itself started with ``--init-from``
+(``chattune.training.reference``). Loading a run that was itself started with ``--init-from``
 follows the chain. Methods that cannot merge (prompt, prefix, bottleneck adapters) cannot
 be started from: their trained parts are not weights of the model.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from chattune.errors import UserError
-from chattune.models import load_model
+from chattune.models.loading import load_model
 
 
 def load_start_model(model_args, attn_implementation: str | None = None):
@@ -24,8 +24,8 @@ def load_start_model(model_args, attn_implementation: str | None = None):
         return load_model(model_args.name, trust_remote_code=model_args.trust_remote_code, attn_implementation=attn)
     from chattune.config import from_dict
     from chattune.methods import get_method
-    from chattune.settings import RunConfig
-    from chattune.train import config_of
+    from chattune.training.settings import RunConfig
+    from chattune.training.loop import config_of
 
     run_dir = Path(model_args.init_from)
     earlier = from_dict(RunConfig, config_of(run_dir), "config")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from chattune.engine import DEFAULTS
-from chattune.generate import load_run, stream_answer
+from chattune.generate.loaded import load_run, stream_answer
 
 
 def sampling_of(args):

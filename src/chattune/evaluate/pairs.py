@@ -6,7 +6,7 @@ interval (1000 resamples of the pairs; a tie counts half):
 - ``implicit_reward``: the tuned model's own reward margin (for DPO/IPO its log-ratio to
   the reference, for SimPO/ORPO its per-token likelihood), i.e. what training optimised;
 - ``reference_likelihood``: the starting policy's summed log-likelihood of each answer
-  (stored with the run, ``chattune.reference``): the ranking before any preference training;
+  (stored with the run, ``chattune.training.reference``): the ranking before any preference training;
 - ``longer_answer``: the longer answer wins, the bias any preference data set invites.
 
 Plus the generation metrics of ``chattune.evaluate`` for the tuned and the base model on
@@ -20,8 +20,8 @@ import torch
 
 from chattune.data.pairs import prepare_pairs
 from chattune.errors import UserError
-from chattune.objectives import get_objective, pair_logps
-from chattune.reference import load_reference
+from chattune.training.objectives import get_objective, pair_logps
+from chattune.training.reference import load_reference
 
 RESAMPLES = 1000
 

@@ -86,7 +86,7 @@ class TrainArgs:
     tensorboard: bool = field(False, help="also log to TensorBoard under output_dir/tb")
     max_eval_samples: int = field(200, help="validation samples used by each in-training evaluation")
     objective: Literal["sft", "dpo", "ipo", "simpo", "orpo"] = field(
-        "sft", help="sft: next-token loss on answers; dpo|ipo|simpo|orpo: preference pairs (chattune.objectives)")
+        "sft", help="sft: next-token loss on answers; dpo|ipo|simpo|orpo: preference pairs (chattune.training.objectives)")
     beta: float | None = field(None, help="preference strength: DPO/IPO beta (default 0.1), SimPO beta (default 2.0); "
                                "scales the logged rewards of ORPO")
     label_smoothing: float = field(0.0, help="DPO/SimPO: assumed share of flipped votes, robust DPO "

@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from chattune import checkpoint as ckpt
+from chattune.training import checkpoint as ckpt
 from chattune.config import from_dict, load_yaml, merge, parse_overrides, set_dotted, to_dict
 from chattune.errors import UserError
 
@@ -46,7 +46,7 @@ def resume_config(run_dir: Path, flags: dict, overrides: list[str]):
         flags: dotted config key -> value, for the flags given on the command line.
         overrides: ``--set KEY=VALUE`` items.
     """
-    from chattune.settings import RunConfig
+    from chattune.training.settings import RunConfig
 
     path = run_dir / "config.yaml"
     if not path.is_file():

@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from chattune import runguard
+from chattune.training import runguard
 from chattune.data import batch_plan
 
 FILE = "reference_logps.safetensors"
@@ -63,7 +63,7 @@ def reference_logps(model, objective, samples: list[dict], pad_id: int, batch_si
     """Summed (chosen, rejected) answer log-probs (n, 2) of ``samples`` under ``model``, in the
     batch layout training uses (packed where the method packs). ``check()`` runs before each
     batch (training passes its interrupt check: the pass can take many minutes)."""
-    from chattune.objectives import pair_logps
+    from chattune.training.objectives import pair_logps
 
     model.eval()
     out = torch.zeros(len(samples), 2, dtype=torch.float32)

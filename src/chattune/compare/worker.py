@@ -1,7 +1,7 @@
 """The worker of ``chattune compare``: one method, in its own process (``chattune compare
 --worker METHOD``). It trains the method (resuming a stopped run), evaluates it on the test
 split, and the first worker also evaluates the base model; each writes its row of the table
-as ``OUT/<method>/result.json``. Why a process per method: see ``chattune.compare``."""
+as ``OUT/<method>/result.json``. Why a process per method: see ``chattune.compare.command``."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from pathlib import Path
 
 import yaml
 
-from chattune.compare import method_config, read_json, write_json
+from chattune.compare.command import method_config, read_json, write_json
 
 
 def work(out: Path, method: str, with_base: bool) -> int:
     """Train ``method`` (resuming a stopped run), evaluate it, write its result.json."""
-    from chattune.compare_report import method_row
+    from chattune.compare.report import method_row
 
     record = yaml.safe_load((out / "compare.yaml").read_text())
     cfg = method_config(record, method, out)
@@ -38,8 +38,8 @@ def work(out: Path, method: str, with_base: bool) -> int:
 
 
 def _train(cfg, run_dir: Path) -> None:
-    from chattune.checkpoint import find_checkpoint
-    from chattune.train import train
+    from chattune.training.checkpoint import find_checkpoint
+    from chattune.training.loop import train
 
     resume = (run_dir / "config.yaml").is_file()
     if resume and find_checkpoint(run_dir) is None:
@@ -53,7 +53,7 @@ def _evaluate(run_dir: Path, with_base: bool) -> tuple[dict, dict | None]:
     model's test and validation numbers. A method's validation loss is not recomputed here:
     its run's last validation pass saw the same samples with the same weights."""
     from chattune.evaluate import HEADLINE, evaluate_run
-    from chattune.generate import load_run
+    from chattune.generate.loaded import load_run
 
     run = None
     test = read_json(run_dir / "eval_test.json")
@@ -72,7 +72,7 @@ def _base_validation(run) -> dict | None:
     """The base model's loss on the validation samples that every run's validation passes use."""
     from chattune.data import prepare
     from chattune.evaluate import loss_on_samples
-    from chattune.models import autocast_dtype
+    from chattune.models.loading import autocast_dtype
 
     cfg = run.cfg
     samples = prepare(cfg.data, run.tokenizer).splits["validation"][: cfg.train.max_eval_samples]

@@ -1,5 +1,5 @@
 """``chattune compare``: every method on the same data, token budget, seed and evaluation
-prompts, then one report to read (``chattune.compare_report``).
+prompts, then one report to read (``chattune.compare.report``).
 
 Layout of the output directory OUT::
 
@@ -44,11 +44,11 @@ import yaml
 from chattune.config import field, from_dict, load_yaml, merge, parse_overrides, set_dotted, to_dict
 from chattune.errors import UserError
 
-CONFIG_DIR = Path(__file__).parents[2] / "configs"
+CONFIG_DIR = Path(__file__).parents[3] / "configs"
 # Train settings a method may choose for itself (compare.per_method); everything else is
 # shared, so the methods differ only in what is being compared.
 SHARED_TRAIN_KEYS = {"seed", "max_tokens", "max_steps", "epochs", "output_dir"}
-# Command-line flags that set the shared run config (chattune.settings.FLAG_KEYS names).
+# Command-line flags that set the shared run config (chattune.training.settings.FLAG_KEYS names).
 RUN_FLAGS = ["model", "dataset", "format", "epochs", "lr", "batch_size", "grad_accum", "max_length", "precision",
              "seed"]
 
@@ -108,17 +108,17 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     """Run (or resume) a comparison and write its report; 1 when a method failed."""
     if args.worker:
-        from chattune.compare_worker import work
+        from chattune.compare.worker import work
 
         return work(Path(args.output_dir), args.worker, args.with_base)
     record = resolve(args)
     out = Path(record["output_dir"])
-    from chattune.runguard import RunLock
+    from chattune.training.runguard import RunLock
 
     with RunLock(out, "compare"):  # one comparison per OUT; each method's run has its own lock too
         claim(out, record)
         rows = sweep(out, record["methods"], verbose=getattr(args, "verbose", False))
-        from chattune.compare_report import base_row, markdown_table, write_report
+        from chattune.compare.report import base_row, markdown_table, write_report
 
         base = base_row(read_json(out / "base.json"))
         write_report(out, record, base, rows)
@@ -135,7 +135,7 @@ def run(args) -> int:
 def resolve(args) -> dict:
     """The comparison's full settings: shared run config, methods, token budget."""
     from chattune.methods import get_method
-    from chattune.settings import FLAG_KEYS, RunConfig
+    from chattune.training.settings import FLAG_KEYS, RunConfig
 
     if args.preset and args.config:
         raise UserError("--preset is a config file already; pass --preset or --config, not both")
@@ -210,8 +210,8 @@ def _device() -> str:
 def token_budget(cfg, comp: CompareArgs) -> dict:
     """Conversation tokens every method trains on, and the steps that takes with and without packing."""
     from chattune.data import prepare
-    from chattune.models import load_tokenizer
-    from chattune.train import Plan
+    from chattune.models.loading import load_tokenizer
+    from chattune.training.loop import Plan
 
     samples = prepare(cfg.data, load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)).splits["train"]
     if not samples:
@@ -256,7 +256,7 @@ def _steps_for(plan, lengths: list[int], budget: int) -> int:
 def method_config(record: dict, method: str, out: Path):
     """One method's RunConfig: the shared config, its per-method train settings, its run dir."""
     from chattune.methods import get_method
-    from chattune.settings import RunConfig
+    from chattune.training.settings import RunConfig
 
     data = copy.deepcopy(record["config"])
     data["method"]["name"] = method

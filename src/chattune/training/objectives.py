@@ -3,7 +3,7 @@
 SFT and the preference objectives are peers. Each turns prepared samples into batches
 (``collate``), says how many units the loss is averaged over (``units``: loss-bearing
 tokens for SFT, pairs for preferences), and computes ``loss(model, batch)`` as a sum over
-those units plus the sums of its metrics. The loop in ``chattune.train`` neither knows
+those units plus the sums of its metrics. The loop in ``chattune.training.loop`` neither knows
 nor cares which objective runs, and no objective knows which method runs.
 
 Preference losses, per pair with policy log-probs ``pc``/``pr`` (summed over the chosen
@@ -19,7 +19,7 @@ and rejected answer tokens), reference log-probs ``rc``/``rr`` and answer length
   odds from the per-token mean likelihood, no reference.
 
 ``train.sft_weight`` adds ``sft_weight * (-pc/lc)``, an SFT term on the chosen answer.
-Log-probs come from ``chattune.loss.token_losses`` (the LM head projects only answer
+Log-probs come from ``chattune.training.loss.token_losses`` (the LM head projects only answer
 positions; prompt tuning's virtual positions are skipped) and are summed per answer
 segment, so a flat packed row of many answers gives each its own sum.
 """
@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from chattune.data import IGNORE_INDEX, collate, prepare
 from chattune.data.pairs import prepare_pairs, split_pair
 from chattune.evaluate import loss_on_samples
-from chattune.loss import answer_logits, cross_entropy, shift_targets, token_loss_sum, token_losses
-from chattune.unlikelihood import answer_runs, unlikelihood_sum
+from chattune.training.loss import answer_logits, cross_entropy, shift_targets, token_loss_sum, token_losses
+from chattune.training.unlikelihood import answer_runs, unlikelihood_sum
 
 PREFERENCE = ("dpo", "ipo", "simpo", "orpo")
 DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "simpo": 2.0, "orpo": 0.1}
@@ -47,7 +47,7 @@ EXTRA_KEYS = ("segment_ids", "pairs", "ref_logps")  # batch entries the model mu
 class SFT:
     """Next-token cross-entropy on the answer tokens, averaged over all of them; with
     ``unlikelihood_alpha`` > 0, plus that times the token-level unlikelihood term against
-    repeating the answer's own earlier tokens (``chattune.unlikelihood``)."""
+    repeating the answer's own earlier tokens (``chattune.training.unlikelihood``)."""
 
     name = "sft"
     needs_reference = False
@@ -154,7 +154,7 @@ class Preference(SFT):
         return total / max(len(samples), 1)
 
     def start(self, trainer) -> None:
-        from chattune.reference import attach_reference
+        from chattune.training.reference import attach_reference
 
         disable_dropout(trainer.model)
         attach_reference(trainer)

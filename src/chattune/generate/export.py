@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from chattune.errors import UserError
-from chattune.generate import load_run
+from chattune.generate.loaded import load_run
 
 RECIPES = {
     "adapter": ("from chattune.methods.adapter import load\n"
@@ -44,7 +44,7 @@ def export(run_dir: str, out: str) -> str:
 
 
 def _save_base(run, path: Path) -> None:
-    from chattune.init_from import load_start_model
+    from chattune.training.init_from import load_start_model
 
     base = load_start_model(run.cfg.model)  # with --init-from: the earlier run merged in, what the method sits on
     base.config.use_cache = True

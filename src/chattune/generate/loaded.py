@@ -20,8 +20,8 @@ from chattune.data import render_prompt_ids, stop_strings, turn_token_ids
 from chattune.engine import DEFAULTS, Answer, Engine, Request, SamplingParams, Variant
 from chattune.errors import UserError
 from chattune.methods import get_method
-from chattune.init_from import load_start_model
-from chattune.settings import RunConfig
+from chattune.training.init_from import load_start_model
+from chattune.training.settings import RunConfig
 
 
 @dataclass
