@@ -1,9 +1,10 @@
 """The HTTP side of ``chattune serve``: OpenAI's chat-completions shapes on FastAPI.
 
 Routes: ``POST /v1/chat/completions`` (plain or server-sent events), ``GET /v1/models``,
-``GET /health`` and ``GET /`` (the chat page). Every error is an OpenAI error body
-``{"error": {"message", "type", "param", "code"}}``; FastAPI's own 422 validation errors
-and 404s are rewritten into that shape.
+``GET /v1/models/{id}``, ``GET /health``, ``GET /`` (the chat page) and the arena's
+battles, votes and leaderboard (``chattune.serve.arena_routes``). Every error is an OpenAI
+error body ``{"error": {"message", "type", "param", "code"}}``; FastAPI's own 422
+validation errors and 404s are rewritten into that shape.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import asyncio
 import hmac
 import json
 import time
-import uuid
 from importlib import resources
 from typing import Annotated, Literal
 
@@ -23,25 +23,14 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from chattune.engine import DEFAULTS, Answer, PromptTooLong
-from chattune.errors import UserError
+from chattune.engine import DEFAULTS, PromptTooLong
+from chattune.serve.arena import Battles, VoteLog
+from chattune.serve.arena_routes import arena_router
 from chattune.serve.models import Served
+from chattune.serve.protocol import FINISH, ApiError, Reply, engine_request, error_body
 from chattune.serve.worker import Busy, Job, Worker
 
 MAX_BODY = 1 << 20  # 1 MiB: a chat request is text; anything larger is a mistake or an attack
-FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.headers = headers
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
 # -- request bodies ---------------------------------------------------------------------------
@@ -82,13 +71,14 @@ class ChatRequest(BaseModel):
 
 # -- the app ------------------------------------------------------------------------------------
 def build_app(served: Served, worker: Worker, *, max_tokens: int, api_key: str | None = None,
-              cors_origins: list[str] | None = None) -> FastAPI:
+              cors_origins: list[str] | None = None, votes: VoteLog | None = None) -> FastAPI:
     """The FastAPI app serving ``served`` through ``worker``.
 
     Args:
         max_tokens: the server's cap on ``max_tokens`` (also its default).
         api_key: when set, ``/v1/*`` needs ``Authorization: Bearer <api_key>``.
         cors_origins: origins allowed to call the API from a browser; none by default.
+        votes: where arena votes are appended; ``None`` keeps them in memory only.
     """
     app = FastAPI(title="chattune", docs_url=None, redoc_url=None, openapi_url=None)
     _errors(app)
@@ -117,10 +107,19 @@ def build_app(served: Served, worker: Worker, *, max_tokens: int, api_key: str |
         return {"status": "ok", "models": served.names, "in_flight": worker.in_flight,
                 "max_batch": worker.engine.max_batch, "capacity": worker.capacity}
 
+    def model_object(name: str) -> dict:
+        return {"id": name, "object": "model", "created": created, "owned_by": "chattune"}
+
     @app.get("/v1/models", dependencies=[Depends(authorise)])
     def models() -> dict:
-        return {"object": "list", "data": [{"id": n, "object": "model", "created": created, "owned_by": "chattune"}
-                                           for n in served.names]}
+        return {"object": "list", "data": [model_object(n) for n in served.names]}
+
+    @app.get("/v1/models/{model_id}", dependencies=[Depends(authorise)])
+    def model(model_id: str) -> dict:
+        if model_id not in served.names:
+            raise ApiError(404, f"model '{model_id}' is not served here; models: {', '.join(served.names)}",
+                           param="model", code="model_not_found")
+        return model_object(model_id)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorise)])
     async def chat_completions(body: ChatRequest, http: HttpRequest):
@@ -134,33 +133,27 @@ def build_app(served: Served, worker: Worker, *, max_tokens: int, api_key: str |
         except Busy as e:
             raise ApiError(429, f"the server is busy: {e}; retry shortly", "rate_limit_error",
                            code="server_busy", headers={"Retry-After": "1"}) from None
-        reply = _Reply(body.model)
+        reply = Reply(body.model)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(_stream(job, worker, reply, usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await _whole(job, worker, reply, http)
 
+    app.include_router(arena_router(served, worker, Battles(served.names), votes or VoteLog(None),
+                                    max_tokens=max_tokens, authorise=authorise))
     return app
 
 
 def _engine_request(body: ChatRequest, served: Served, limit: int):
     if body.n != 1:
         raise ApiError(400, f"n={body.n}: this server returns one choice per request (n=1)", param="n")
-    if body.model not in served.variants:
-        raise ApiError(404, f"model '{body.model}' is not served here; models: {', '.join(served.names)}",
-                       param="model", code="model_not_found")
     conversation = _conversation(body.messages)
-    # base is prompted in the first run's template, as `chattune chat RUN --base` does
-    run = served.runs.get(body.model) or next(iter(served.runs.values()))
     sampling = DEFAULTS.with_(temperature=body.temperature, top_p=body.top_p, seed=body.seed)
     wanted = body.max_completion_tokens or body.max_tokens or limit
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    try:
-        return run.request(conversation, max_new_tokens=min(wanted, limit), sampling=sampling,
-                           variant=body.model, stop=stop)
-    except UserError as e:  # e.g. a chat template that refuses this conversation
-        raise ApiError(400, str(e), param="messages") from None
+    return engine_request(served, body.model, conversation, max_new_tokens=min(wanted, limit), sampling=sampling,
+                          stop=stop)
 
 
 def _conversation(messages: list[Message]) -> list[dict]:
@@ -179,37 +172,7 @@ def _conversation(messages: list[Message]) -> list[dict]:
     return turns
 
 
-class _Reply:
-    """The OpenAI response and chunk objects of one request."""
-
-    def __init__(self, model: str):
-        self.id, self.model, self.created = f"chatcmpl-{uuid.uuid4().hex}", model, int(time.time())
-
-    def _head(self, kind: str) -> dict:
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
-
-    @staticmethod
-    def usage(answer: Answer) -> dict:
-        done = len(answer.token_ids)
-        return {"prompt_tokens": answer.prompt_tokens, "completion_tokens": done,
-                "total_tokens": answer.prompt_tokens + done}
-
-    def whole(self, answer: Answer) -> dict:
-        choice = {"index": 0, "message": {"role": "assistant", "content": answer.text},
-                  "finish_reason": FINISH[answer.finish_reason]}
-        return {**self._head("chat.completion"), "choices": [choice], "usage": self.usage(answer)}
-
-    def chunk(self, delta: dict, finish: str | None = None) -> str:
-        data = {**self._head("chat.completion.chunk"),
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-        return f"data: {json.dumps(data)}\n\n"
-
-    def usage_chunk(self, answer: Answer) -> str:
-        data = {**self._head("chat.completion.chunk"), "choices": [], "usage": self.usage(answer)}
-        return f"data: {json.dumps(data)}\n\n"
-
-
-async def _stream(job: Job, worker: Worker, reply: _Reply, usage: bool):
+async def _stream(job: Job, worker: Worker, reply: Reply, usage: bool):
     finished = False
     try:
         yield reply.chunk({"role": "assistant", "content": ""})
@@ -225,7 +188,7 @@ async def _stream(job: Job, worker: Worker, reply: _Reply, usage: bool):
                     yield reply.usage_chunk(value)
             else:  # the status line is already sent: report the error as an event, as OpenAI does
                 status, message = value
-                yield f"data: {json.dumps(_error_body(status, message))}\n\n"
+                yield f"data: {json.dumps(error_body(status, message))}\n\n"
             yield "data: [DONE]\n\n"
             return
     finally:
@@ -233,7 +196,7 @@ async def _stream(job: Job, worker: Worker, reply: _Reply, usage: bool):
             worker.cancel(job)
 
 
-async def _whole(job: Job, worker: Worker, reply: _Reply, http: HttpRequest):
+async def _whole(job: Job, worker: Worker, reply: Reply, http: HttpRequest):
     while True:
         try:
             kind, value = await asyncio.wait_for(job.events.get(), timeout=0.5)
@@ -246,12 +209,7 @@ async def _whole(job: Job, worker: Worker, reply: _Reply, http: HttpRequest):
             return reply.whole(value)
         if kind == "error":
             status, message = value
-            return JSONResponse(_error_body(status, message), status_code=status)
-
-
-def _error_body(status: int, message: str) -> dict:
-    type_ = "invalid_request_error" if status < 500 else "server_error"
-    return {"error": {"message": message, "type": type_, "param": None, "code": None}}
+            return JSONResponse(error_body(status, message), status_code=status)
 
 
 # -- errors ---------------------------------------------------------------------------------------

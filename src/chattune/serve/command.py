@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import sys
+from pathlib import Path
 
 from chattune.errors import UserError
 
@@ -27,6 +28,9 @@ def add_parser(sub) -> None:
                    help="cap on a request's max_tokens, and its default (default 512)")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browser calls from this origin (repeatable; default: none)")
+    p.add_argument("--votes", metavar="FILE",
+                   help="arena votes are appended to this JSONL file as Arena rows (default: votes.jsonl in the "
+                        "first run's directory)")
     p.add_argument("--grace", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM (default 30)")
     p.set_defaults(func=run)
@@ -41,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"chattune serve needs the serve extra ({e.name} is missing): "
                         f"pip install 'chattune[serve]'") from None
     from chattune.engine import Engine
+    from chattune.serve.arena import VoteLog
     from chattune.serve.models import load_served
     from chattune.serve.worker import Worker
 
@@ -56,14 +61,21 @@ def run(args: argparse.Namespace) -> int:
     def make_engine() -> Engine:
         return Engine(served.variants, served.tokenizer, served.tokenizer.eos_token_id, max_batch=args.max_batch)
 
+    votes_path = Path(args.votes) if args.votes else next(iter(served.runs.values())).run_dir / "votes.jsonl"
+    try:
+        votes = VoteLog(votes_path)
+    except OSError as e:
+        raise UserError(f"--votes {votes_path}: cannot open for appending ({e.strerror or e})") from None
     worker = Worker(make_engine, args.max_queue)
-    app = build_app(served, worker, max_tokens=args.max_tokens, api_key=api_key, cors_origins=args.cors_origin)
+    app = build_app(served, worker, max_tokens=args.max_tokens, api_key=api_key, cors_origins=args.cors_origin,
+                    votes=votes)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                             timeout_graceful_shutdown=args.grace)
     server = uvicorn.Server(config)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"chattune serve: http://{shown}:{port}/  models: {', '.join(served.names)}", flush=True)
+    print(f"chattune serve: arena votes go to {votes_path} ({len(votes.results)} already there)", flush=True)
     if not api_key and not ipaddress.ip_address(host).is_loopback:
         print(f"chattune serve: warning: listening on {host} without --api-key-env; anyone who can reach "
               f"this port can use the models", file=sys.stderr, flush=True)
@@ -76,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         server.run(sockets=[sock])
     finally:
         worker.stop(timeout=10)
+        votes.close()
         sock.close()
     return 0
 
