@@ -1,7 +1,9 @@
 """The ``chattune`` command: one subcommand per step of the pipeline.
 
-User mistakes raise ``UserError`` anywhere below; ``main`` prints them as one line and
-exits with 2. Everything else is a bug and keeps its traceback.
+Each ``cmd_*`` turns its parsed flags into a call of the Python API (``chattune.api``)
+and prints what it returns; nothing is done here that the API does not do. User mistakes
+raise ``UserError`` anywhere below; ``main`` prints them as one line and exits with 2.
+Everything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -18,75 +20,16 @@ from chattune.training.runguard import Interrupted
 COMMON_HELP = "common flags override the YAML config; any other key: --set section.key=value"
 
 
-def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML config (sections: model, data, method, train, eval)")
-    p.add_argument("--model", help="hub id, local HF dir, .gguf file, or smollm2-135m (default)")
-    p.add_argument("--dataset", help="'sample' (built-in), a hub dataset, or a .jsonl/.json/.parquet file")
-    p.add_argument("--format", help="row format: auto|arena|messages|sharegpt|alpaca|prompt-answers")
-    p.add_argument("--method", help="lora|adapter|prompt|prefix|ia3|dora|full")
-    p.add_argument("--max-steps", type=int, help="optimiser steps (overrides --epochs)")
-    p.add_argument("--max-tokens", type=int, help="token budget: train until this many conversation tokens were seen")
-    p.add_argument("--epochs", type=float, help="passes over the training split (default 1)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default 2e-4)")
-    p.add_argument("--batch-size", type=int, help="micro-batch size per process (default 8)")
-    p.add_argument("--grad-accum", type=int, help="micro-batches per optimiser step (default 1)")
-    p.add_argument("--max-length", type=int, help="max tokens per conversation/packed row (default 1024)")
-    p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None,
-                   help="pack conversations into full rows (default: on where the method allows)")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="autocast precision (default auto)")
-    p.add_argument("--output-dir", help="run directory (default runs/run)")
-    p.add_argument("--seed", type=int, help="random seed (default 0)")
-    p.add_argument("--objective", choices=["sft", "dpo", "ipo", "simpo", "orpo"],
-                   help="training objective (default sft); the others train on preference pairs")
-    p.add_argument("--init-from", metavar="RUN_DIR", help="start from a finished run's trained weights (SFT then DPO)")
-    p.add_argument("--chosen-model", help="prompt-answers rows as pairs: the preferred model's answer")
-    p.add_argument("--rejected-model", help="prompt-answers rows as pairs: the other model's answer")
-    p.add_argument("--turns", choices=["all", "first"], help="all turns, or the first pair (default: all for sft, "
-                   "first for preference pairs)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=COMMON_HELP)
-
-
-def _flags(args) -> dict:
-    from chattune.training.settings import FLAG_KEYS
-
-    return {k: getattr(args, k, None) for k in FLAG_KEYS}
-
-
 def cmd_train(args) -> int:
-    from pathlib import Path
+    from chattune.api import train
+    from chattune.training.flags import given_flags
 
-    from chattune.training.settings import FLAG_KEYS, build_config
-    from chattune.training.loop import config_of, train
-
-    if args.resume:
-        if args.config:
-            raise UserError("--resume reads the run's own config.yaml; do not pass --config with it")
-        if args.output_dir and Path(args.output_dir).resolve() != Path(args.resume).resolve():
-            raise UserError("--resume continues RUN in its own directory; drop --output-dir")
-        from chattune.training.resume import resume_config
-
-        given = {FLAG_KEYS[k]: v for k, v in _flags(args).items() if v is not None and k != "output_dir"}
-        cfg, changed = resume_config(Path(args.resume), given, args.set)
-        if changed:
-            print(f"resuming {args.resume} with {', '.join(changed)} changed", file=sys.stderr)
-    else:
-        if args.init_from and not (args.model or args.config):  # the earlier run's base model, unless told otherwise
-            args.model = config_of(Path(args.init_from))["model"]["name"]
-        cfg = build_config(args.config, _flags(args), args.set)
-    try:
-        summary = train(cfg, resume=bool(args.resume))
-    except OSError as e:  # a full disk outside the checkpoint/metrics writes (config, summary, ...)
-        from chattune.training.checkpoint import find_checkpoint
-        from chattune.training.runguard import DISK_ERRORS, write_error
-
-        if e.errno not in DISK_ERRORS:
-            raise
-        run_dir = Path(cfg.train.output_dir)
-        raise write_error(e, Path(e.filename or run_dir), find_checkpoint(run_dir)) from None
+    flags = {k: v for k, v in given_flags(args).items() if v is not None}
+    run = train(args.config, resume=args.resume, overrides=args.set, **flags)
     from accelerate import PartialState
 
     if PartialState().is_main_process:
-        print(json.dumps(summary) if args.json else _format_summary(summary, cfg.train.output_dir))
+        print(json.dumps(run.summary) if args.json else _format_summary(run.summary, str(run.dir)))
     return 0
 
 
@@ -100,52 +43,31 @@ def _format_summary(s: dict, run_dir: str) -> str:
 
 
 def cmd_eval(args) -> int:
-    from pathlib import Path
+    from chattune.api import evaluate
 
-    from chattune.evaluate import evaluate_run
-    from chattune.evaluate.answers import export_answers, write_answers
-    from chattune.generate.loaded import load_run
-    from chattune.evaluate.report import eval_table
-
-    run = load_run(args.run_dir)
-    name = Path(args.prompts).stem if args.prompts else args.split
-    out = Path(args.output_dir or Path(args.run_dir) / f"eval-{name}")
-    out.mkdir(parents=True, exist_ok=True)
-    judge = None
-    if args.judge_url or args.judge_model:
-        from chattune.evaluate.judge import Judge
-
-        if not (args.judge_url and args.judge_model) or args.no_base:
-            raise UserError("the judge needs --judge-url and --judge-model, and the base answers (no --no-base)")
-        judge = Judge(args.judge_url, args.judge_model, args.judge_key_env, out / "judge_cache.jsonl")
-    decodings = tuple(d.strip() for d in args.decodings.split(","))
-    result = evaluate_run(run, args.split, prompts=args.prompts, fmt=args.format, turns=args.turns,
-                          reference_model=args.reference_model, num_prompts=args.num_prompts,
-                          max_samples=args.max_samples, max_new_tokens=args.max_new_tokens,
-                          include_base=not args.no_base, decodings=decodings, seed=args.seed,
-                          max_batch=args.max_batch, judge=judge)
-    answers = result.pop("answers")
-    write_answers(out, answers)
-    if args.export_answers:
-        run_name = Path(args.run_dir).resolve().name
-        result["exports"] = [str(p) for p in export_answers(out, answers, args.export_answers, run_name,
-                                                           result["prompts"]["id_key"], result["settings"]["headline"])]
-    result["output_dir"] = str(out)
-    (out / "result.json").write_text(json.dumps(result, indent=1))
-    print(json.dumps(result) if args.json else eval_table(result) + f"\nanswers and result.json: {out}")
+    result = evaluate(args.run_dir, args.prompts, split=args.split, format=args.format, turns=args.turns,
+                      reference_model=args.reference_model, num_prompts=args.num_prompts,
+                      max_samples=args.max_samples, max_new_tokens=args.max_new_tokens, decodings=args.decodings,
+                      seed=args.seed, max_batch=args.max_batch, base=not args.no_base, output_dir=args.output_dir,
+                      export_answers=args.export_answers, judge_url=args.judge_url, judge_model=args.judge_model,
+                      judge_key_env=args.judge_key_env)
+    print(json.dumps(result.data) if args.json else f"{result.table()}\nanswers and result.json: {result.output_dir}")
     return 0
 
 
 def cmd_chat(args) -> int:
-    from chattune.generate.chat import chat
+    from chattune.api import Chatbot
+    from chattune.generate.chat import chat, sampling_of
+    from chattune.generate.loaded import load_run
 
-    return chat(args)
+    bot = Chatbot(load_run(args.run_dir), base=args.base)  # a run only: chattune.load also takes plain models
+    return chat(bot, args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling_of(args))
 
 
 def cmd_export(args) -> int:
-    from chattune.generate.export import export
+    from chattune.api import export
 
-    print(export(args.run_dir, args.out))
+    print(export(args.run_dir, args.out, format=args.format, quant=args.quant, adapter_only=args.adapter_only))
     return 0
 
 
@@ -162,23 +84,20 @@ def cmd_demo(args) -> int:
     return demo(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="chattune", description="Fine-tune a causal LM into a chat assistant.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="library logs and warnings")
-    sub = parser.add_subparsers(dest="command", required=True)
-    try:
-        from chattune.data import command as data_command
-
-        data_command.add_parser(sub)
-        sub.choices["data"].set_defaults(func=data_command.run)
-    except ImportError:
-        pass
+def _add_train(sub) -> None:
+    from chattune.training.flags import add_train_flags
 
     p = sub.add_parser("train", help="fine-tune a model", description=COMMON_HELP)
-    _add_train_flags(p)
+    p.add_argument("--config", help="YAML config (sections: model, data, method, train, eval)")
+    add_train_flags(p)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=COMMON_HELP)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its checkpoint")
     p.add_argument("--json", action="store_true", help="print the final summary as JSON")
     p.set_defaults(func=cmd_train)
+
+
+def _add_eval(sub) -> None:
+    from chattune.evaluate.answers import EXPORTS
 
     p = sub.add_parser("eval", help="evaluate a run against its base model")
     p.add_argument("run_dir")
@@ -200,8 +119,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=32, help="answers decoded at once (continuous batching; default 32)")
     p.add_argument("--no-base", action="store_true", help="skip the base-model numbers")
     p.add_argument("--output-dir", help="where answers.jsonl and result.json go (default RUN/eval-NAME)")
-    from chattune.evaluate.answers import EXPORTS
-
     p.add_argument("--export-answers", choices=EXPORTS, help="also write answer files for that benchmark's judge")
     p.add_argument("--judge-url", help="OpenAI-compatible endpoint for a pairwise LLM judge, e.g. http://host:8000/v1")
     p.add_argument("--judge-model", help="the judge's model name")
@@ -209,12 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
 
+
+def _add_chat(sub) -> None:
+    from chattune.engine import DEFAULTS as d
+
     p = sub.add_parser("chat", help="talk to a trained run")
     p.add_argument("run_dir")
     p.add_argument("--prompt", help="one question, answered once (non-interactive)")
     p.add_argument("--base", action="store_true", help="answer with the method disabled (the base model)")
-    from chattune.engine import DEFAULTS as d
-
     p.add_argument("--temperature", type=float, help=f"0 = greedy (default {d.temperature})")
     p.add_argument("--top-p", type=float, help=f"nucleus sampling (default {d.top_p})")
     p.add_argument("--top-k", type=int, help=f"top-k sampling, 0 = off (default {d.top_k})")
@@ -223,9 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256, help="(default 256)")
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("export", help="write a standalone Hugging Face model directory")
+
+def _add_small(sub) -> None:
+    """export, methods and demo."""
+    p = sub.add_parser("export", help="write a standalone Hugging Face model directory, or GGUF for llama.cpp/Ollama")
     p.add_argument("run_dir")
     p.add_argument("out")
+    p.add_argument("--format", choices=["hf", "gguf"], default="hf", help="(default hf)")
+    p.add_argument("--quant", choices=["f32", "f16", "bf16", "q8_0", "q4_0"], help="GGUF precision (default f16)")
+    p.add_argument("--adapter-only", action="store_true", help="GGUF: LoRA as a llama.cpp adapter beside base.gguf")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("methods", help="list fine-tuning methods with trainable parameter counts")
@@ -237,14 +162,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=20)
     p.set_defaults(func=cmd_demo)
 
-    try:
-        from chattune.compare import command as compare
 
-        compare.add_parser(sub)
-    except ImportError:
-        pass
+def build_parser() -> argparse.ArgumentParser:
+    from chattune.compare import command as compare_command
+    from chattune.data import command as data_command
     from chattune.serve import command as serve_command
 
+    parser = argparse.ArgumentParser(prog="chattune", description="Fine-tune a causal LM into a chat assistant.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="library logs and warnings")
+    sub = parser.add_subparsers(dest="command", required=True)
+    data_command.add_parser(sub)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_chat(sub)
+    _add_small(sub)
+    compare_command.add_parser(sub)
     serve_command.add_parser(sub)
     return parser
 

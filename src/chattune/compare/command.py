@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import copy
 import itertools
 import json
 import math
@@ -43,6 +42,8 @@ import yaml
 
 from chattune.config import field, from_dict, load_yaml, merge, parse_overrides, set_dotted, to_dict
 from chattune.errors import UserError
+from chattune.compare.plan import method_config
+from chattune.files import read_json
 
 CONFIG_DIR = Path(__file__).parents[3] / "configs"
 # Train settings a method may choose for itself (compare.per_method); everything else is
@@ -88,16 +89,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-steps", type=int, help="budget: the tokens of this many packed optimiser steps")
     p.add_argument("--max-tokens", type=int, help="budget: conversation tokens every method trains on")
     p.add_argument("--output-dir", help="output directory (default runs/compare); re-running resumes it")
-    p.add_argument("--model", help="hub id, local HF dir, .gguf file, or smollm2-135m (default)")
-    p.add_argument("--dataset", help="'sample' (built-in), a hub dataset, or a .jsonl/.json/.parquet file")
-    p.add_argument("--format", help="row format: auto|arena|messages|sharegpt|alpaca|prompt-answers")
-    p.add_argument("--epochs", type=float, help="budget when no steps or tokens are given (default 1)")
-    p.add_argument("--lr", type=float, help="peak learning rate of every method (see compare.per_method)")
-    p.add_argument("--batch-size", type=int, help="micro-batch size (default 8)")
-    p.add_argument("--grad-accum", type=int, help="micro-batches per optimiser step (default 1)")
-    p.add_argument("--max-length", type=int, help="max tokens per conversation/packed row (default 1024)")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="autocast precision (default auto)")
-    p.add_argument("--seed", type=int, help="random seed shared by every method (default 0)")
+    from chattune.training.flags import add_train_flags
+
+    add_train_flags(p, RUN_FLAGS)  # the train flags' own definitions: one setting, one description
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config key, e.g. method.lora.r=16 or compare.per_method.prompt.lr=0.03")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one method's subprocess
@@ -111,17 +105,9 @@ def run(args) -> int:
         from chattune.compare.worker import work
 
         return work(Path(args.output_dir), args.worker, args.with_base)
-    record = resolve(args)
-    out = Path(record["output_dir"])
-    from chattune.training.runguard import RunLock
+    out, base, rows = compare(args)
+    from chattune.compare.report import markdown_table
 
-    with RunLock(out, "compare"):  # one comparison per OUT; each method's run has its own lock too
-        claim(out, record)
-        rows = sweep(out, record["methods"], verbose=getattr(args, "verbose", False))
-        from chattune.compare.report import base_row, markdown_table, write_report
-
-        base = base_row(read_json(out / "base.json"))
-        write_report(out, record, base, rows)
     print(markdown_table(([base] if base else []) + rows))
     print(f"\nreport: {out / 'report.html'}")
     failed = [r["method"] for r in rows if r["status"] != "done"]
@@ -129,6 +115,24 @@ def run(args) -> int:
         print(f"chattune compare: {len(failed)} of {len(rows)} methods failed ({', '.join(failed)}); "
               f"see the error column", file=sys.stderr)
     return 1 if failed else 0
+
+
+def compare(args) -> tuple[Path, dict | None, list[dict]]:
+    """Run (or resume) the comparison ``args`` describe and write its report.
+
+    Returns OUT, the base model's row (None when it has none yet) and one row per method."""
+    record = resolve(args)
+    out = Path(record["output_dir"])
+    from chattune.training.runguard import RunLock
+
+    with RunLock(out, "compare"):  # one comparison per OUT; each method's run has its own lock too
+        claim(out, record)
+        rows = sweep(out, record["methods"], verbose=getattr(args, "verbose", False))
+        from chattune.compare.report import base_row, write_report
+
+        base = base_row(read_json(out / "base.json"))
+        write_report(out, record, base, rows)
+    return out, base, rows
 
 
 # -- settings -----------------------------------------------------------------------------
@@ -253,23 +257,6 @@ def _steps_for(plan, lengths: list[int], budget: int) -> int:
     raise AssertionError("unreachable")
 
 
-def method_config(record: dict, method: str, out: Path):
-    """One method's RunConfig: the shared config, its per-method train settings, its run dir."""
-    from chattune.methods import get_method
-    from chattune.training.settings import RunConfig
-
-    data = copy.deepcopy(record["config"])
-    data["method"]["name"] = method
-    train = data["train"]
-    train.update(record["per_method"].get(method, {}))
-    train["output_dir"] = str(out / method)
-    if not record["eval_every_set"]:
-        packs = train["packing"] if train["packing"] is not None else get_method(method).supports_packing
-        steps = record["budget"]["steps"]["packed" if packs else "unpacked"]
-        train["eval_every"] = max(1, math.ceil(steps / record["eval_points"]))
-    return from_dict(RunConfig, data, "config")
-
-
 def claim(out: Path, record: dict) -> None:
     """Start OUT, or check that it holds this very comparison (then it resumes)."""
     path = out / "compare.yaml"
@@ -363,13 +350,3 @@ def _error_text(code: int, last: str) -> str:
         name = signal.Signals(-code).name
         return f"killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
     return last.removeprefix("chattune: error: ") or f"exit code {code}"
-
-
-def read_json(path: Path):
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def write_json(path: Path, data) -> None:
-    tmp = path.with_suffix(".tmp")  # a kill mid-write must not leave a half file that reads as "done"
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)

@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 
 from chattune.config import load_yaml
+from chattune.training import rundir
 
 # (row key, header, format) in table order; None values print as "–".
 COLUMNS = [
@@ -64,7 +65,7 @@ def val_curve(metrics_path: Path) -> list[dict]:
 def method_row(run_dir: Path, method: str, times: dict, test: dict) -> dict:
     """One finished method's row, from the files its run wrote (``test``: eval_test.json)."""
     summary = json.loads((run_dir / "summary.json").read_text())
-    info = json.loads((run_dir / "run_info.json").read_text())
+    info = rundir.read_info(run_dir)
     curve = val_curve(run_dir / "metrics.jsonl")
     row = {"method": method, "status": "done", "lr": load_yaml(run_dir / "config.yaml")["train"]["lr"],
            "trainable_params": summary["trainable_params"], "total_params": summary["total_params"],

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import yaml
 
-from chattune.compare.command import method_config, read_json, write_json
+from chattune.compare.plan import method_config
+from chattune.files import read_json, write_json
 
 
 def work(out: Path, method: str, with_base: bool) -> int:

@@ -15,12 +15,11 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from chattune.config import from_dict, load_yaml
 from chattune.data import render_prompt_ids, stop_strings, turn_token_ids
 from chattune.engine import DEFAULTS, Answer, Engine, Request, SamplingParams, Variant
-from chattune.errors import UserError
 from chattune.methods import get_method
 from chattune.training.init_from import load_start_model
+from chattune.training import rundir
 from chattune.training.settings import RunConfig
 
 
@@ -92,13 +91,11 @@ def _yielding(model, ctx):
 
 def load_run(run_dir: str | Path) -> LoadedRun:
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file() or not (run_dir / "adapter").is_dir():
-        raise UserError(f"{run_dir} is not a finished chattune run (needs config.yaml and adapter/)")
-    cfg = from_dict(RunConfig, load_yaml(run_dir / "config.yaml"), "config")
+    cfg = rundir.read_config(run_dir, finished=True)
     method = get_method(cfg.method.name)
-    tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(rundir.tokenizer_dir(run_dir))
     base = load_start_model(cfg.model)  # the base model, or the --init-from run it started from
-    model = method.load(base, run_dir / "adapter")
+    model = method.load(base, rundir.adapter_dir(run_dir))
     model.eval()
     if method.inference is not None:
         method.inference(model)

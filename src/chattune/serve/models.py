@@ -33,13 +33,13 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import AutoTokenizer
 
-from chattune.config import from_dict, load_yaml
 from chattune.engine import Variant
 from chattune.errors import UserError
 from chattune.generate.loaded import LoadedRun, load_run
 from chattune.methods import adapter as bottleneck
 from chattune.methods import get_method
 from chattune.models.loading import load_model
+from chattune.training import rundir
 from chattune.training.settings import RunConfig
 
 BASE = "base"
@@ -80,16 +80,10 @@ def parse_specs(specs: list[str]) -> dict[str, Path]:
     return out
 
 
-def _read(path: Path) -> RunConfig:
-    if not (path / "config.yaml").is_file() or not (path / "adapter").is_dir():
-        raise UserError(f"{path} is not a finished chattune run (needs config.yaml and adapter/)")
-    return from_dict(RunConfig, load_yaml(path / "config.yaml"), "config")
-
-
 def load_served(specs: list[str]) -> Served:
     """Load every run in ``specs`` (``RUN`` or ``name=RUN``) on one shared base model."""
     paths = parse_specs(specs)
-    cfgs = {name: _read(path) for name, path in paths.items()}
+    cfgs = {name: rundir.read_config(path, finished=True) for name, path in paths.items()}
     bases = {cfg.model.name for cfg in cfgs.values()}
     if len(bases) > 1:
         which = ", ".join(f"{n}: {c.model.name}" for n, c in cfgs.items())
@@ -113,7 +107,7 @@ def _served_shared(paths: dict[str, Path], cfgs: dict[str, RunConfig]) -> Served
     first = next(iter(cfgs.values()))
     raw = load_model(first.model.name, trust_remote_code=first.model.trust_remote_code,
                      attn_implementation=first.model.attn_implementation).eval()
-    tokenizers = {name: AutoTokenizer.from_pretrained(path / "tokenizer") for name, path in paths.items()}
+    tokenizers = {name: AutoTokenizer.from_pretrained(rundir.tokenizer_dir(path)) for name, path in paths.items()}
     if len({len(t) for t in tokenizers.values()}) > 1:
         raise UserError("the runs' tokenizers differ in size; they were not trained on the same base")
     switch = _Switch(raw)
@@ -123,7 +117,7 @@ def _served_shared(paths: dict[str, Path], cfgs: dict[str, RunConfig]) -> Served
     models: dict[str, torch.nn.Module] = {}
     wrappers: dict[str, PeftModel] = {}  # one PeftModel per PEFT type
     for name in sorted(cfgs, key=lambda n: _ORDER[cfgs[n].method.name]):
-        method, adapter_dir = cfgs[name].method.name, paths[name] / "adapter"
+        method, adapter_dir = cfgs[name].method.name, rundir.adapter_dir(paths[name])
         if method == "adapter":
             models[name] = _attach_bottleneck(raw, adapter_dir, switch, ids[name], name)
             continue

@@ -29,6 +29,7 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
 from chattune.errors import UserError
+from chattune.files import recover_dir, write_file
 
 CHECKPOINT = "checkpoint"
 PREVIOUS = "checkpoint-previous"
@@ -45,14 +46,6 @@ class CheckpointError(UserError):
 
 
 # -- writing ----------------------------------------------------------------------------
-def write_file(path: Path, data: bytes) -> None:
-    """Write and fsync: safetensors' own writer is bypassed so a full disk is a plain OSError."""
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -65,32 +58,6 @@ def _remove(path: Path) -> None:
     """``state.json`` goes first, so a directory half removed by a kill reads as incomplete."""
     (path / "state.json").unlink(missing_ok=True)
     shutil.rmtree(path, ignore_errors=True)
-
-
-def recover_dir(final: Path) -> None:
-    """A kill between ``atomic_dir``'s two renames leaves ``final`` missing: put the old one back."""
-    old = final.parent / f".{final.name}-old"
-    if old.is_dir() and not final.exists():
-        old.rename(final)
-
-
-def atomic_dir(final: Path, write) -> None:
-    """Call ``write(tmp_dir)`` then swap ``tmp_dir`` into ``final`` with renames only."""
-    tmp = final.parent / f".{final.name}-tmp"
-    old = final.parent / f".{final.name}-old"
-    recover_dir(final)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a full disk: give the space back
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -22,14 +22,12 @@ def load_start_model(model_args, attn_implementation: str | None = None):
     attn = attn_implementation or model_args.attn_implementation
     if not model_args.init_from:
         return load_model(model_args.name, trust_remote_code=model_args.trust_remote_code, attn_implementation=attn)
-    from chattune.config import from_dict
     from chattune.methods import get_method
-    from chattune.training.settings import RunConfig
-    from chattune.training.loop import config_of
+    from chattune.training import rundir
 
     run_dir = Path(model_args.init_from)
-    earlier = from_dict(RunConfig, config_of(run_dir), "config")
-    if not (run_dir / "adapter").is_dir():
+    earlier = rundir.read_config(run_dir)
+    if not rundir.adapter_dir(run_dir).is_dir():
         raise UserError(f"--init-from {run_dir}: the run has no trained weights yet (no adapter/); let it finish first")
     if earlier.model.name != model_args.name:
         raise UserError(f"--init-from {run_dir} was trained on {earlier.model.name}, not {model_args.name}; "
@@ -39,7 +37,7 @@ def load_start_model(model_args, attn_implementation: str | None = None):
         raise UserError(f"--init-from needs a run whose method merges into the weights (lora, dora, ia3, full); "
                         f"{run_dir} used {method.name}")
     base = load_start_model(earlier.model, attn)
-    model = method.merge(method.load(base, run_dir / "adapter"))
+    model = method.merge(method.load(base, rundir.adapter_dir(run_dir)))
     if model.config._attn_implementation != attn:  # full fine-tuning reloads a whole model directory
         model.set_attn_implementation(attn)
     for p in model.parameters():

@@ -26,12 +26,14 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from chattune.models import attention
-from chattune.training import resume
+from chattune import __version__
+from chattune.training import resume, rundir
 from chattune.training import runguard
 from chattune.training import checkpoint as ckpt
 from chattune.config import save_yaml
 from chattune.data import batch_plan
 from chattune.errors import UserError
+from chattune.files import atomic_dir, atomic_text
 from chattune.training.init_from import load_start_model
 from chattune.training.loss import unwrap
 from chattune.methods import count_parameters, get_method
@@ -199,9 +201,9 @@ class Trainer:
     def save(self) -> None:
         if self.acc.is_main_process:
             unwrapped = self.acc.unwrap_model(self.model)
-            target = self.run_dir / "adapter"
+            target = rundir.adapter_dir(self.run_dir)
             try:  # a full disk ends in one line; the atomic writes keep what was there
-                ckpt.atomic_dir(target, lambda d: self.method.save(unwrapped, d))
+                atomic_dir(target, lambda d: self.method.save(unwrapped, d))
                 target = self.run_dir / ckpt.CHECKPOINT
                 ckpt.save_checkpoint(self.run_dir, unwrapped, self.optimizer, self.scheduler, self.state)
             except (OSError, ckpt.SafetensorError) as e:
@@ -211,20 +213,20 @@ class Trainer:
 
     def start(self) -> None:
         self.tb = None
-        if not self.resume and (self.run_dir / "config.yaml").exists():
+        if not self.resume and (self.run_dir / rundir.CONFIG).exists():
             raise UserError(f"{self.run_dir} already holds a run: continue it with --resume {self.run_dir} "
                             f"or pick another --output-dir")
         self.acc.wait_for_everyone()  # every process has checked before the main one writes
         if self.acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_yaml(self.cfg, self.run_dir / "config.yaml")
-            self.tokenizer.save_pretrained(self.run_dir / "tokenizer")
-            info = {"method": self.method.name, "trainable_params": self.trainable, "total_params": self.total,
+            save_yaml(self.cfg, self.run_dir / rundir.CONFIG)
+            self.tokenizer.save_pretrained(rundir.tokenizer_dir(self.run_dir))
+            info = {"chattune_version": __version__, "method": self.method.name, "trainable_params": self.trainable, "total_params": self.total,
                     "trainable_share": self.trainable / self.total, "packing": self.packing,
                     "precision": str(self.dtype).replace("torch.", "") if self.dtype else "float32",
                     "processes": self.acc.num_processes, "total_steps": self.total_steps,
                     "data": self.data.stats()}
-            (self.run_dir / "run_info.json").write_text(json.dumps(info, indent=1))
+            atomic_text(self.run_dir / rundir.INFO, json.dumps(info, indent=1))
             print(f"{self.method.name}: {self.trainable:,} trainable parameters of {self.total:,} "
                   f"({100 * self.trainable / self.total:.3f}%)", flush=True)
             if self.cfg.train.tensorboard:
@@ -370,7 +372,7 @@ class Trainer:
                    "peak_memory_mb": peak_memory_mb(self.acc.device), "stopped_early": stopped_early,
                    "trainable_params": self.trainable, "total_params": self.total}
         if self.acc.is_main_process:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            atomic_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
         self.acc.end_training()
         return summary
 
@@ -386,12 +388,3 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
         trainer = Trainer(cfg, run_dir, resume=resume)
         trainer.interrupts = interrupts
         return trainer.run()
-
-
-def config_of(run_dir: Path) -> dict:
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise UserError(f"{run_dir} is not a chattune run directory (no config.yaml)")
-    from chattune.config import load_yaml
-
-    return load_yaml(path)

@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 
 from chattune.training import runguard
 from chattune.data import batch_plan
+from chattune.files import atomic_write
 
 FILE = "reference_logps.safetensors"
 
@@ -100,9 +101,8 @@ def attach_reference(trainer) -> None:
                                      trainer.flat, cfg.data.max_length,
                                      check=lambda: runguard.stop_if_interrupted(trainer)) for n in names}
         if trainer.acc.is_main_process:
-            tmp = trainer.run_dir / f".{FILE}.tmp"
-            save_file({n: t.contiguous() for n, t in stored.items()}, tmp, metadata={"key": key})
-            tmp.rename(trainer.run_dir / FILE)  # atomic: a kill leaves no half-written reference
+            tensors = {n: t.contiguous() for n, t in stored.items()}
+            atomic_write(trainer.run_dir / FILE, lambda tmp: save_file(tensors, tmp, metadata={"key": key}))
         trainer.acc.wait_for_everyone()
         trainer.log({"step": 0, "reference_seconds": time.perf_counter() - t0,
                      "reference_pairs": sum(len(data[n]) for n in names)})

@@ -10,13 +10,13 @@ run out of the same weights, so it is refused, naming the setting.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
-from chattune.training import checkpoint as ckpt
-from chattune.config import from_dict, load_yaml, merge, parse_overrides, set_dotted, to_dict
+from chattune.training import checkpoint as ckpt, rundir
+from chattune.config import from_dict, merge, parse_overrides, set_dotted, to_dict
 from chattune.errors import UserError
+from chattune.files import atomic_text
 
 BUDGET = ("train.max_tokens", "train.max_steps", "train.epochs")  # highest precedence first
 CADENCE = ("train.eval_every", "train.log_every", "train.save_every")
@@ -48,11 +48,7 @@ def resume_config(run_dir: Path, flags: dict, overrides: list[str]):
     """
     from chattune.training.settings import RunConfig
 
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise UserError(f"{run_dir} is not a chattune run directory (no config.yaml)")
-    saved = load_yaml(path)
-    old = from_dict(RunConfig, saved, "config")
+    old = rundir.read_config(run_dir)
     given: dict = {}
     for key, value in flags.items():
         set_dotted(given, key, value)
@@ -118,9 +114,7 @@ def forget_metrics_after(path: Path, step: int) -> None:
             continue
         if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
             keep.append(line + "\n")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(keep), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_text(path, "".join(keep))
 
 
 def restore_into(trainer) -> None:
