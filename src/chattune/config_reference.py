@@ -1,0 +1,196 @@
+"""The configuration reference, docs/configuration.md, generated from the config dataclasses.
+
+Every key a run's YAML config (or ``--set section.key=value``) accepts is a field of a
+dataclass with ``help`` metadata (``chattune.config.field``): ``RunConfig`` and its sections,
+each method's settings in the registry (``method.<name>.<key>``) and ``chattune compare``'s
+``compare:`` section. This module renders them all as one Markdown page, so the page
+cannot drift from the code (``tests/test_docs.py`` compares the two).
+
+It sits beside ``cli.py`` on the top floor because it reads sections from every floor.
+
+    python -m chattune.config_reference            # rewrite docs/configuration.md
+    python -m chattune.config_reference --check    # exit 1 when the page is out of date
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import yaml
+
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+GENERATOR = "python -m chattune.config_reference"
+
+
+class Key(NamedTuple):
+    dotted: str  # e.g. train.lr
+    type: str
+    default: str
+    flag: str  # the command-line flag that sets it, or ''
+    help: str
+
+
+class Section(NamedTuple):
+    name: str  # e.g. train, method.lora
+    about: str
+    keys: list[Key]
+
+
+def type_name(tp: Any) -> str:
+    """A field's annotation in words: ``int | None`` -> 'int or null'."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        inner = " or ".join(type_name(a) for a in args)
+        return f"{inner} or null" if len(args) < len(typing.get_args(tp)) else inner
+    if origin is typing.Literal:
+        return "one of " + ", ".join(str(c) for c in typing.get_args(tp))
+    if origin is list:
+        (inner,) = typing.get_args(tp) or (str,)
+        return f"list of {type_name(inner)}"
+    if tp is dict or origin is dict:
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def default_text(f: dataclasses.Field) -> str:
+    """The default as it would be written in YAML."""
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        return "(required)"
+    if dataclasses.is_dataclass(value):
+        return "(section)"
+    if isinstance(value, str):
+        return value
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("\n...").strip()
+
+
+def keys_of(cls: type, prefix: str, flags: dict[str, str] | None = None) -> list[Key]:
+    """One ``Key`` per field of dataclass ``cls``, named ``prefix.field``."""
+    flags = flags or {}
+    hints = typing.get_type_hints(cls)
+    return [Key(f"{prefix}.{f.name}", type_name(hints[f.name]), default_text(f), flags.get(f"{prefix}.{f.name}", ""),
+                f.metadata.get("help", "").strip())
+            for f in dataclasses.fields(cls)]
+
+
+def sections() -> list[Section]:
+    """Every config section in the order a YAML config lists them."""
+    from chattune.compare.command import CompareArgs
+    from chattune.methods import all_methods
+    from chattune.training.settings import FLAG_KEYS, MethodArgs, RunConfig
+
+    flags = {key: "--" + name.replace("_", "-") for name, key in FLAG_KEYS.items()}
+    about = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(RunConfig)}
+    hints = typing.get_type_hints(RunConfig)
+    out = []
+    for name in about:
+        cls = hints[name]
+        keys = keys_of(cls, name, flags)
+        if cls is MethodArgs:  # its per-method mappings are documented from the registry below
+            keys = [k for k in keys if k.dotted == "method.name"]
+        out.append(Section(name, about[name], keys))
+        if cls is MethodArgs:
+            method_help = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(MethodArgs)}
+            for method in all_methods().values():
+                out.append(Section(f"method.{method.name}", method_help.get(method.name, method.description),
+                                   keys_of(method.config_cls, f"method.{method.name}")))
+    out.append(Section("compare", "`chattune compare` only: the methods compared and their shared budget "
+                       "(its flags `--methods`, `--max-steps`, `--max-tokens` and `--output-dir` set these)",
+                       keys_of(CompareArgs, "compare")))
+    return out
+
+
+def missing_help() -> list[str]:
+    """Dotted names of the keys (and sections) that carry no help text."""
+    return [s.name for s in sections() if not s.about.strip()] + \
+        [k.dotted for s in sections() for k in s.keys if not k.help]
+
+
+INTRO = f"""\
+# Configuration reference
+
+<!-- generated by `{GENERATOR}` from the config dataclasses' help text: edit those, then rerun it -->
+
+Every key a run accepts, with its type, default and meaning. A run reads them from a YAML
+file, then from the common flags, then from `--set` overrides (later wins); unknown keys
+are errors that name the closest valid key.
+
+<!-- runnable -->
+```bash
+chattune train --set train.lr=1e-3 --set method.lora.r=16 --max-steps 2 --output-dir runs/config
+```
+
+```yaml
+model: {{name: smollm2-135m}}
+data: {{dataset: sample, max_length: 1024}}
+method: {{name: lora, lora: {{r: 8}}}}
+train: {{lr: 2.0e-4, max_steps: 100}}
+eval: {{num_generate: 100}}
+```
+
+- The resolved config is written beside every run as `config.yaml`; `chattune train
+  --resume RUN` reads it back ([training](training.md#interrupting-and-resuming)).
+- `chattune data` takes every `data.` key as a flag of its own name (`data.max_rows` is
+  `--max-rows`; [data](data.md)).
+- Only the selected method's section is read (`method.name`); the others may stay empty.
+  [Methods](methods.md) describes each method.
+- The `compare:` section belongs to `chattune compare` configs ([compare](compare.md)).
+- Lists are YAML lists or comma-separated on the command line
+  (`--set "method.lora.target_modules=[q_proj,v_proj]"` or `...=q_proj,v_proj`); `null`
+  (or `none`) clears an optional key.
+"""
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render() -> str:
+    """docs/configuration.md as it should read now."""
+    parts = [INTRO]
+    for s in sections():
+        parts.append(f"\n## `{s.name}`\n\n{s.about[:1].upper() + s.about[1:]}.\n")
+        if not s.keys:
+            parts.append("\nNo settings of its own.\n")
+            continue
+        parts.append("\n| key | type | default | flag | meaning |\n|---|---|---|---|---|\n")
+        for k in s.keys:
+            flag = f"`{k.flag}`" if k.flag else ""
+            parts.append(f"| `{k.dotted}` | {_cell(k.type)} | `{_cell(k.default)}` | {flag} | {_cell(k.help)} |\n")
+    return "".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=GENERATOR, description="write docs/configuration.md from the config "
+                                     "dataclasses")
+    parser.add_argument("--check", action="store_true", help="exit 1 when the page differs, write nothing")
+    parser.add_argument("--out", type=Path, default=PAGE, help=f"(default {PAGE})")
+    args = parser.parse_args(argv)
+    missing = missing_help()
+    if missing:
+        print(f"no help text for: {', '.join(missing)}", file=sys.stderr)
+        return 1
+    text = render()
+    if args.check:
+        current = args.out.read_text() if args.out.is_file() else ""
+        if current != text:
+            print(f"{args.out} is out of date: run {GENERATOR}", file=sys.stderr)
+            return 1
+        return 0
+    args.out.write_text(text)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
