@@ -186,6 +186,12 @@ def _tokenize(messages: list[dict], tokenizer, cfg: DataConfig) -> tuple[list[in
 
 
 # -- pieces -------------------------------------------------------------------------------
+def turn_pieces(messages: list[dict], tokenizer: PreTrainedTokenizerBase, template: str) -> list[Turn]:
+    """Each turn's pieces (markup, message text) as training and chat render them; for exporters
+    that must restate the template elsewhere (a GGUF's Ollama Modelfile)."""
+    return _turns(messages, tokenizer, resolve_template(template, tokenizer))
+
+
 def _turns(messages: list[dict], tokenizer, template: str) -> list[Turn]:
     if template == "chat":
         return _chat_turns(messages, tokenizer)
