@@ -322,7 +322,7 @@ def test_chat_page_in_headless_chromium(served, tmp_path):
         page.click("#send")
         answer = page.locator(".msg.assistant .meta")  # written when the stream has ended
         answer.wait_for(timeout=60_000)
-        streamed = page.evaluate("document.querySelector('.msg.assistant').firstChild.textContent")
+        streamed = page.evaluate("document.querySelector('.msg.assistant .md').dataset.markdown")
         meta = answer.inner_text()
         page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)
         width = page.evaluate("document.documentElement.scrollWidth")

@@ -227,3 +227,123 @@ def test_unwritable_votes_file_is_one_line(runs, capsys):
     assert main(["serve", str(runs["lora"]), "--port", "0", "--votes", "/proc/no/votes.jsonl"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--votes /proc/no/votes.jsonl" in err
+
+
+# -- the page in Chromium ---------------------------------------------------------------------------
+CHROMIUM = Path("/usr/bin/chromium")
+needs_chromium = pytest.mark.skipif(not CHROMIUM.exists(),
+                                    reason="needs Debian's chromium package (apt-get install -y chromium)")
+
+
+def _browser(p):
+    return p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"])
+
+
+@needs_chromium
+def test_battle_vote_and_leaderboard_in_headless_chromium(served, tmp_path, capsys):
+    playwright = pytest.importorskip("playwright.sync_api", reason="needs playwright from PyPI (the test extra)")
+    path = tmp_path / "votes.jsonl"
+    with live(served, votes=VoteLog(path)) as (url, _, _), playwright.sync_playwright() as p:
+        browser = _browser(p)
+        page = browser.new_page(viewport={"width": 390, "height": 800})  # a phone-width screen
+        page.goto(url + "/")
+        page.wait_for_function("document.querySelectorAll('#pick-a option').length === 4")
+        page.click("#tab-battle")
+        page.select_option("#pick-a", "lora")
+        page.select_option("#pick-b", "pre")
+        page.fill("#temperature", "0")
+        page.fill("#max-tokens", "8")
+        page.fill("#input", "What is the capital of Italy?")
+        page.press("#input", "Enter")  # the keyboard, as in the chat tab
+        page.wait_for_selector(".vote[data-winner=model_a]:enabled", timeout=60_000)
+        shown = page.evaluate("[...document.querySelectorAll('.side')].map(s => s.querySelector('h2').textContent)")
+        answers = page.evaluate("[...document.querySelectorAll('.side .md')].map(m => m.dataset.markdown)")
+        width = page.evaluate("document.documentElement.scrollWidth")
+        page.click(".vote[data-winner=model_a]")
+        page.wait_for_function("document.getElementById('verdict').textContent.startsWith('Your vote')")
+        revealed = page.evaluate("[...document.querySelectorAll('.side')].map(s => s.querySelector('h2').textContent)")
+        page.click("#tab-board")
+        page.wait_for_function("document.querySelectorAll('#board-body tr').length === 3")
+        board = page.evaluate("[...document.querySelectorAll('#board-body tr')].map(r => r.children[1].textContent)")
+        note = page.inner_text("#board-note")
+        browser.close()
+    assert shown == ["Model A", "Model B"]  # hidden until the vote
+    row = json.loads(path.read_text())
+    assert ARENA_KEYS <= set(row) and row["winner"] == "model_a" and {row["model_a"], row["model_b"]} == {"lora", "pre"}
+    assert revealed == [f"Model A: {row['model_a']}", f"Model B: {row['model_b']}"]
+    assert [row["conversation_a"][1]["content"], row["conversation_b"][1]["content"]] == answers
+    assert board[0] == row["model_a"] and note.startswith("1 votes")
+    assert width <= 390
+    assert main(["data", "--dataset", str(path), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["rows_read"] == 1 and summary["rows_kept"] + sum(summary["dropped"].values()) == 1
+
+
+HOSTILE = """## Plan
+
+**Learn the Basics:** read *carefully* and ~~never~~ often.
+
+1. first
+2. second
+   - nested
+
+| tool | use |
+|------|-----|
+| `uv` | installs |
+
+```python
+print("<b>hi</b>")
+```
+
+<script>window.__pwned = 1</script>
+<img src=x onerror="window.__pwned = 2">
+[docs](https://example.org/docs) and [bad](javascript:window.__pwned=3)
+"""
+
+
+@needs_chromium
+def test_markdown_is_rendered_and_html_never_runs(served, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api", reason="needs playwright from PyPI (the test extra)")
+    # the answer is streamed in small pieces, cutting through the fence and the HTML
+    pieces = [HOSTILE[i:i + 7] for i in range(0, len(HOSTILE), 7)]
+    chunks = [{"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]} for piece in pieces]
+    chunks.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+    with live(served) as (url, _, _), playwright.sync_playwright() as p:
+        browser = _browser(p)
+        context = browser.new_context(viewport={"width": 390, "height": 800},
+                                      permissions=["clipboard-read", "clipboard-write"])
+        page = context.new_page()
+        dialogs = []
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        page.route("**/v1/chat/completions", lambda route: route.fulfill(
+            status=200, headers={"Content-Type": "text/event-stream"}, body=body))
+        page.goto(url + "/")
+        page.wait_for_function("document.querySelectorAll('#model option').length === 3")
+        page.fill("#input", "hi")
+        page.click("#send")
+        page.locator(".msg.assistant .meta").wait_for(timeout=30_000)
+        page.wait_for_timeout(300)  # time for an onerror or a script to fire, if anything could
+        md = ".msg.assistant .md"
+        got = page.evaluate(f"""() => {{ const m = document.querySelector('{md}'); return {{
+            pwned: window.__pwned ?? null, h2: m.querySelector('h2')?.textContent,
+            strong: m.querySelector('strong')?.textContent, em: m.querySelector('em')?.textContent,
+            ol: m.querySelectorAll('ol > li').length, nested: m.querySelectorAll('ol li ul li').length,
+            th: [...m.querySelectorAll('th')].map(t => t.textContent), td_code: m.querySelector('td code')?.textContent,
+            pre: m.querySelector('pre code')?.textContent, copy: !!m.querySelector('.code .copy'),
+            html: m.querySelectorAll('script, img, iframe, [onerror]').length,
+            links: [...m.querySelectorAll('a')].map(a => [a.textContent, a.getAttribute('href'), a.rel]),
+            text: m.textContent, markdown: m.dataset.markdown }}; }}""")
+        page.click(".code .copy")
+        page.wait_for_function("document.querySelector('.code .copy').textContent === 'Copied'")
+        clipboard = page.evaluate("navigator.clipboard.readText()")
+        width = page.evaluate("document.documentElement.scrollWidth")
+        browser.close()
+    assert got["pwned"] is None and dialogs == [] and got["html"] == 0
+    assert "<script>window.__pwned = 1</script>" in got["text"] and 'onerror="window.__pwned = 2"' in got["text"]
+    assert got["h2"] == "Plan" and got["strong"] == "Learn the Basics:" and got["em"] == "carefully"
+    assert got["ol"] == 2 and got["nested"] == 1
+    assert got["th"] == ["tool", "use"] and got["td_code"] == "uv"
+    assert got["pre"] == 'print("<b>hi</b>")' and got["copy"] and clipboard == got["pre"]
+    assert got["links"] == [["docs", "https://example.org/docs", "noopener noreferrer nofollow"]]  # no javascript:
+    assert got["markdown"] == HOSTILE and width <= 390
