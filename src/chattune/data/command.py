@@ -11,12 +11,9 @@ import dataclasses
 import json
 import sys
 import typing
-from pathlib import Path
 
 from chattune.data.config import FORMATS, PRESETS, SIDES, TEMPLATES, TURNS, DataConfig
-from chattune.data.render import prepare
-from chattune.data.select import load_conversations
-from chattune.data.summary import format_summary, marked_text, marked_tokens, pick, summary_dict
+from chattune.data.overview import select
 from chattune.errors import UserError
 
 CHOICES = {"format": FORMATS, "side": SIDES, "turns": TURNS, "template": TEMPLATES, "preset": PRESETS}
@@ -65,62 +62,19 @@ def run(args: argparse.Namespace) -> int:
         UserError: any problem the user can fix (the CLI prints it as one line, exit 2).
     """
     cfg = DataConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DataConfig)})
-    name = args.model or args.tokenizer
-    tokenizer = _load_tokenizer(args.model, args.tokenizer) if name else None
-    if tokenizer is None and args.show and cfg.template == "chat":
+    if not (args.model or args.tokenizer) and args.show and cfg.template == "chat":
         raise UserError("--show with --template chat needs --model or --tokenizer")
-    prepared = prepare(cfg, tokenizer) if tokenizer is not None else None
-    conversations = prepared.conversations if prepared else load_conversations(cfg)
-    summary = summary_dict(cfg, conversations, prepared, name)
-    shown = _shown(conversations, prepared, tokenizer, args.show, args.seed, color=not args.json and sys.stdout.isatty())
+    selection = select(cfg, args.model, args.tokenizer)
+    color = not args.json and sys.stdout.isatty()  # the loss-bearing part in green on a terminal, else in ⟦ ⟧
+    shown = selection.samples(args.show, args.seed, ("\x1b[32m", "\x1b[0m") if color else ("⟦", "⟧"))
     if args.json:
+        summary = selection.summary
         if args.show:
             summary["shown"] = shown
         print(json.dumps(summary, ensure_ascii=False, indent=1))
         return 0
-    print(format_summary(summary))
+    print(selection)
     for item in shown:
         print(f"\n--- {item['id']} ({item['split']}) " + "-" * 40)
         print(item["text"])
     return 0
-
-
-def _shown(conversations, prepared, tokenizer, n: int, seed: int, color: bool) -> list[dict]:
-    """``n`` rendered samples; the loss-bearing part in green on a terminal, else in ⟦ ⟧."""
-    if n <= 0:
-        return []
-    marks = ("\x1b[32m", "\x1b[0m") if color else ("⟦", "⟧")
-    if prepared is None:
-        samples = conversations.samples
-        return [{"id": samples[i]["id"], "split": samples[i]["split"],
-                 "text": marked_text(samples[i]["messages"], marks)} for i in pick(n, len(samples), seed)]
-    samples = [s | {"split": name} for name, split in prepared.splits.items() for s in split]
-    return [{"id": samples[i]["id"], "split": samples[i]["split"],
-             "text": marked_tokens(samples[i]["input_ids"], samples[i]["labels"], tokenizer, marks)}
-            for i in pick(n, len(samples), seed)]
-
-
-def _load_tokenizer(model: str | None, path: str | None):
-    if model:
-        try:
-            from chattune.models.loading import load_tokenizer
-        except ImportError:  # models.py not written yet: a local directory still works
-            load_tokenizer = None
-        if load_tokenizer is not None:
-            return load_tokenizer(model)
-    return _tokenizer_from(model or path)
-
-
-def _tokenizer_from(name: str):
-    from transformers import AutoTokenizer, GPT2TokenizerFast
-
-    folder = Path(name).expanduser()
-    try:
-        return AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError, TypeError) as e:
-        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-            # bare GPT-2 BPE files without a config AutoTokenizer understands
-            # (transformers 5 ignores vocab_file=/merges_file= here and builds an empty BPE)
-            return GPT2TokenizerFast(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"))
-        raise UserError(f"cannot load a tokenizer from '{name}' ({type(e).__name__}); give a local tokenizer "
-                        "directory, or a hub id while online") from None
