@@ -12,7 +12,7 @@ import statistics
 import zlib
 from collections import Counter
 
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from chattune.data import prepare, tokenize_conversation
 from chattune.data.questions import QuestionSet, question_of, read_questions

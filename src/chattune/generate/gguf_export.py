@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 import gguf
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from chattune.errors import UserError
 from chattune.generate.gguf_files import modelfile, readme
