@@ -9,6 +9,7 @@ would (tests/test_api.py).
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,6 @@ from chattune.engine.sampling import DEFAULTS, SamplingParams
 from chattune.errors import UserError
 
 if TYPE_CHECKING:
-    from chattune.api.runs import Run
     from chattune.generate.loaded import LoadedRun
 
 Conversation = str | list[dict]
@@ -146,7 +146,7 @@ class Chatbot:
         return [Answer(a.text, len(a.token_ids), a.finish_reason, a.prompt_tokens, a.token_ids) for a in answers]
 
 
-def load(run_or_model: str | Path | Run, base: bool = False) -> Chatbot:
+def load(run_or_model: str | os.PathLike, base: bool = False) -> Chatbot:
     """Load a trained run, or a plain model, onto the decoding engine.
 
     Args:

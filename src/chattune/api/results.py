@@ -4,6 +4,7 @@ export`` do, returned as objects instead of printed."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,6 @@ from chattune.errors import UserError
 
 if TYPE_CHECKING:
     from chattune.api.chatbot import Chatbot
-    from chattune.api.runs import Run
 
 METRIC_KEYS = ("answers", "eos_share", "new_turn_share", "cut_share", "rep4", "loop_share", "distinct_2",
                "median_length", "length_ratio", "rouge_l")
@@ -72,7 +72,7 @@ class EvalResult:
         return to_dataframe(self.answers if answers else self.rows())
 
 
-def _loaded(run: str | Path | Run | Chatbot):
+def _loaded(run: str | os.PathLike | Chatbot):
     from chattune.api.chatbot import Chatbot
     from chattune.generate.loaded import load_run
 
@@ -83,7 +83,7 @@ def _loaded(run: str | Path | Run | Chatbot):
     return load_run(run)
 
 
-def evaluate(run: str | Path | Run | Chatbot, prompts: str | None = None, *, split: str = "test",
+def evaluate(run: str | os.PathLike | Chatbot, prompts: str | None = None, *, split: str = "test",
              format: str = "auto", turns: str = "first", reference_model: str | None = None,  # noqa: A002
              num_prompts: int | None = None, max_samples: int | None = None, max_new_tokens: int | None = None,
              decodings: str | Sequence[str] = ("sampled", "greedy"), seed: int = 0, max_batch: int = 32,
@@ -168,7 +168,7 @@ class Exported:
         return self.message
 
 
-def export(run: str | Path | Run, out: str | Path, *, format: str = "hf", quant: str | None = None,  # noqa: A002
+def export(run: str | os.PathLike, out: str | Path, *, format: str = "hf", quant: str | None = None,  # noqa: A002
            adapter_only: bool = False) -> Exported:
     """Write a run as a standalone model directory, as ``chattune export`` does.
 
