@@ -137,7 +137,10 @@ def run_block(block: Block, tiny: Path) -> None:
             pytest.fail(f"{block.where()}: `chattune {args[0]}` does not finish in seconds; mark it "
                         "<!-- runnable: check -->")
         sys.stdin = io.StringIO("Hello!\n")  # chat without --prompt reads turns until EOF
-        rc = main(cheap(args, tiny))
+        try:
+            rc = main(cheap(args, tiny))
+        except SystemExit as e:  # argparse: an unknown flag or a bad value
+            rc = e.code
         assert rc == 0, f"{block.where()}: `{shlex.join(argv)}` exited {rc}"
 
 
@@ -208,6 +211,13 @@ def test_check_mode_catches_an_unknown_flag_and_config_key(tmp_path):
     for text in ("chattune train --max-stepz 3", "chattune train --set train.lrr=1"):
         with pytest.raises((pytest.fail.Exception, Exception), match="does not accept|unknown config key"):
             check_block(Block(REPO / "README.md", 1, "check", text))
+
+
+def test_run_mode_refuses_other_programs_and_fails_on_a_bad_command(tiny):
+    for text, message in [("make demo", "chattune commands only"), ("chattune serve runs/run", "runnable: check"),
+                          ("chattune train --max-stepz 3", "exited 2")]:
+        with pytest.raises(pytest.fail.Exception if "exited" not in message else AssertionError, match=message):
+            run_block(Block(REPO / "README.md", 1, "run", text), tiny)
 
 
 # -- the configuration reference ---------------------------------------------------------------
