@@ -165,3 +165,21 @@ def test_export_and_data_load_print_what_the_cli_prints(api_run, tiny_dirs, tmp_
     assert len(shown) == 2 and all("⟦" in s["text"] for s in shown)
     with pytest.raises(chattune.UserError, match="unknown config key 'data.max_lenght'"):
         chattune.data.load(max_lenght=5)
+
+
+def test_the_six_line_pipeline_of_the_docs_runs(tiny_dirs, tmp_path, monkeypatch, capsys):
+    """docs/python.md's pipeline block, on a tiny model with small budgets."""
+    import re
+
+    page = (Path(__file__).parents[1] / "docs" / "python.md").read_text()
+    block = page.split("<!-- python: the pipeline", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    code = (block.replace('"smollm2-135m"', repr(str(tiny_dirs["llama"])))
+            .replace("max_steps=200", "max_steps=2, max_length=256")
+            .replace("num_prompts=20", "num_prompts=1, max_new_tokens=4"))
+    code = re.sub(r"\.chat\((.*)\)\)", r".chat(\1, max_new_tokens=4))", code)
+    assert code.count("max_new_tokens=4") == 2
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "docs/python.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "rows" in out and "reference-answer loss" in out and "merged into the weights" in out
+    assert (tmp_path / "runs" / "lora" / "adapter").is_dir() and (tmp_path / "exported" / "lora").is_dir()
