@@ -177,7 +177,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("path", files_with_marked_blocks(), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", files_with_marked_blocks(), ids=lambda p: str(p.relative_to(REPO)))
 def test_marked_blocks_run(path, tiny, tmp_path, monkeypatch, one_thread):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "configs").symlink_to(REPO / "configs")  # the repository's configs, as from its root
