@@ -331,14 +331,36 @@ def test_repetition_penalty_touches_only_generated_tokens():
     assert out.tolist() == [[1.0, -4.0, 1.0, 0.5]]
 
 
-def test_prompt_tokens_and_eos_are_not_penalised(tokenizer, prompts):
-    """A token of the prompt keeps its logit; EOS is never marked as seen."""
+@torch.no_grad()
+def penalised_reference(model, prompt: list[int], n: int, penalty: float) -> list[int]:
+    """Greedy with CTRL's penalty on the generated tokens only, by full forwards without a cache."""
+    seq, out = list(prompt), []
+    for _ in range(n):
+        ids = torch.tensor([seq])
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1].float()
+        for t in set(out):
+            logits[t] = logits[t] / penalty if logits[t] > 0 else logits[t] * penalty
+        out.append(int(logits.argmax()))
+        seq.append(out[-1])
+    return out
+
+
+def test_prompt_tokens_and_eos_are_not_penalised(tokenizer):
+    """A token of the prompt keeps its logit; EOS (in a prompt, every earlier answer ends
+    with it) still ends the answer."""
     _, model, _ = tuned("lora", "gpt2", tokenizer)
-    eos = greedy_reference(model, prompts[3], 1)[0]  # make the first greedy token the EOS
-    engine = Engine({"tuned": Variant(model)}, tokenizer, eos_id=eos)
+    prompt = prepare(DataConfig(max_length=128), tokenizer).splits["train"][0]["input_ids"][:60]
+    reference = penalised_reference(model, prompt, 10, 50.0)
+    repeated = [k for k, t in enumerate(reference) if t in prompt]
+    assert repeated, "the answer must repeat a prompt token, or the claim is not exercised"
     strong = SamplingParams(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=50.0)
-    a = engine.run([Request(prompts[3], max_new_tokens=5, sampling=strong)])[0]
-    assert a.finish_reason == "eos" and a.token_ids == []
+    plain = Engine({"tuned": Variant(model)}, tokenizer, eos_id=-1)
+    assert plain.run([Request(prompt, max_new_tokens=10, sampling=strong)])[0].token_ids == reference
+    k = repeated[0]
+    eos = reference[k]  # a token of the prompt, chosen at step k: make it the EOS
+    engine = Engine({"tuned": Variant(model)}, tokenizer, eos_id=eos)
+    a = engine.run([Request(prompt, max_new_tokens=10, sampling=strong)])[0]
+    assert a.finish_reason == "eos" and a.token_ids == reference[:k]
 
 
 class Spy:
