@@ -1,4 +1,4 @@
-"""The looping-answer filter (seq-rep-4 over words) and the seq-rep-n statistic it shares with eval."""
+"""The looping-answer filter (the loop detector of data/textstats.py) and the seq-rep-n statistic."""
 
 from __future__ import annotations
 
@@ -63,11 +63,20 @@ def test_zero_or_one_switches_the_filter_off(tmp_path, threshold):
 
 
 def test_threshold_is_strict(tmp_path):
-    answer = "one two three four one two three four"  # seq-rep-4 = 0.2
-    rows = [{"id": "r", "messages": [user("Count to four, twice."), bot(answer)]}]
+    answer = "alpha beta gamma delta epsilon zeta eta theta iota kappa" + " go" * 15  # 15 of 25 pieces loop
+    rows = [{"id": "r", "messages": [user("Say go."), bot(answer)]}]
     path = write(tmp_path, rows)
-    assert load_conversations(DataConfig(dataset=path, max_answer_repetition=0.2)).samples
-    assert load_conversations(DataConfig(dataset=path, max_answer_repetition=0.19)).dropped["looping_answer"] == 1
+    assert load_conversations(DataConfig(dataset=path, max_answer_repetition=0.6)).samples
+    assert load_conversations(DataConfig(dataset=path, max_answer_repetition=0.59)).dropped["looping_answer"] == 1
+
+
+def test_structure_with_changing_values_is_kept(tmp_path):
+    cases = "\n".join(f"Test Case {i}: FICO = {700 + 10 * i}, N_INQ = {i % 3}\n- Input: FICO = {700 + 10 * i}, "
+                      f"N_INQ = {i % 3}\n- Expected Output: Condition is True" for i in range(1, 9))
+    rows = [{"id": "cases", "messages": [user("Write test cases."), bot(cases)]}]
+    c = load_conversations(DataConfig(dataset=write(tmp_path, rows)))
+    assert repeated_ngram_rate(cases.split()) > 0.5  # the old word seq-rep-4 filter dropped it
+    assert [s["id"] for s in c.samples] == ["cases"] and not c.dropped
 
 
 def test_a_looping_side_of_a_tie_is_counted_inside_the_kept_row(tmp_path):
@@ -81,8 +90,8 @@ def test_a_looping_side_of_a_tie_is_counted_inside_the_kept_row(tmp_path):
 
 def test_seed_preset_has_no_loop_filter_and_bad_thresholds_fail():
     assert DataConfig(preset="seed").max_answer_repetition == 0.0
-    assert DataConfig().max_answer_repetition == 0.5
+    assert DataConfig().max_answer_repetition == 0.3
     with pytest.raises(UserError, match="between 0 and 1"):
         DataConfig(max_answer_repetition=1.5)
     with pytest.raises(UserError, match="max_answer_repetition"):
-        DataConfig(preset="seed", max_answer_repetition=0.3)
+        DataConfig(preset="seed", max_answer_repetition=0.4)

@@ -53,8 +53,9 @@ class DataConfig:
     max_response_chars: int | None = field(None, help="drop a conversation with an answer longer than this")
     dedup: bool = field(True, help="drop exact duplicate conversations")
     max_answer_repetition: float = field(
-        0.5, help="drop a conversation with an answer whose share of repeated word 4-grams (seq-rep-4) is above "
-                  "this (reason looping_answer); 0 or 1 switches the filter off")
+        0.3, help="drop a conversation with an answer whose share of words inside a span repeated back to back "
+                  "(3+ times; lists, tables and code with changing values are not repeats) is above this "
+                  "(reason looping_answer); 0 or 1 switches the filter off")
     template: str = field("auto", help="auto (the tokenizer's chat template when it has one, else seed), chat "
                           "(the tokenizer's own chat template) or seed ('### Human:' / '### Assistant:' + EOS)")
     train_on_prompt: bool = field(False, help="loss on every token, prompts included (the seed's loss)")

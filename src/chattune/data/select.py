@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from chattune.data.config import DataConfig
 from chattune.data.sources import BadRow, Row, open_source
 from chattune.errors import UserError
-from chattune.data.textstats import repeated_ngram_rate
+from chattune.data.textstats import is_loop
 
 WINNER_SIDES = {"model_a": ["a"], "model_b": ["b"], "tie": ["a", "b"], "tie (bothbad)": []}
 
@@ -157,18 +157,18 @@ def _out_of_bounds(messages: list[dict], cfg: DataConfig) -> str | None:
 
 
 def _looping(messages: list[dict], threshold: float) -> str | None:
-    """'looping_answer' when an answer repeats more than ``threshold`` of its word 4-grams.
+    """'looping_answer' when more than ``threshold`` of an answer lies inside a span repeated
+    back to back (``chattune.data.textstats.loop_share``: a loop, not a list, table or code).
 
     The whole conversation goes, not only the turns from the looping answer on: it is one
     sample, the later turns read the loop as context, and a drop is counted with one
-    reason where a cut would change a kept sample unseen. Words (whitespace-split), not
-    model tokens: the data step is tokenizer-free, a str.split is far cheaper than a BPE pass,
-    and a loop repeats in both units (eval measures seq-rep-4 on model tokens).
+    reason where a cut would change a kept sample unseen. Words and punctuation, not model
+    tokens: the data step is tokenizer-free, and the eval measures the same text.
     """
-    if threshold <= 0 or threshold >= 1:  # off; nothing repeats more than all of its 4-grams
+    if threshold <= 0 or threshold >= 1:  # off; no answer lies more than wholly inside a loop
         return None
     for m in messages:
-        if m["role"] == "assistant" and repeated_ngram_rate(m["content"].split(), 4) > threshold:
+        if m["role"] == "assistant" and is_loop(m["content"], threshold):
             return "looping_answer"
     return None
 
