@@ -33,6 +33,8 @@ from chattune.generate.gguf_tensors import (
 )
 from chattune.generate.gguf_vocab import add_vocab, pre_tokenizer_name
 from chattune.generate.loaded import LoadedRun, load_run
+from chattune.methods import get_method
+from chattune.training import rundir
 
 
 def export_gguf(run_dir: str, out: str, quant: str = "f16", adapter_only: bool = False) -> str:
@@ -42,8 +44,10 @@ def export_gguf(run_dir: str, out: str, quant: str = "f16", adapter_only: bool =
     out_dir = Path(out)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UserError(f"{out_dir} exists and is not empty; choose a new directory")
+    _check_method(get_method(rundir.read_config(Path(run_dir), finished=True).method.name), run_dir, adapter_only)
     run = load_run(run_dir)
-    _check(run, adapter_only)
+    gguf_arch(run.model.config)
+    pre_tokenizer_name(run.tokenizer)
     staging = _staging(out_dir)
     try:
         lines = _write(run, staging, quant, adapter_only, _ollama_name(run.run_dir))
@@ -55,16 +59,14 @@ def export_gguf(run_dir: str, out: str, quant: str = "f16", adapter_only: bool =
     return f"wrote {out_dir}:\n" + "\n".join(lines)
 
 
-def _check(run: LoadedRun, adapter_only: bool) -> None:
-    name = run.method.name
-    if run.method.merge is None:
-        raise UserError(f"{name} changes the computation, not the weights, so GGUF cannot express it: chat with "
-                        f"`chattune serve {run.run_dir}` or write a Hugging Face directory with `chattune export`")
-    if adapter_only and name != "lora":
-        raise UserError(f"--adapter-only writes llama.cpp LoRA adapters; a {name} run is exported merged "
+def _check_method(method, run_dir: str, adapter_only: bool) -> None:
+    """Refuse what GGUF cannot hold before any weights are loaded."""
+    if method.merge is None:
+        raise UserError(f"{method.name} changes the computation, not the weights, so GGUF cannot express it: chat "
+                        f"with `chattune serve {run_dir}` or write a Hugging Face directory with `chattune export`")
+    if adapter_only and method.name != "lora":
+        raise UserError(f"--adapter-only writes llama.cpp LoRA adapters; a {method.name} run is exported merged "
                         "(drop --adapter-only)")
-    gguf_arch(run.model.config)
-    pre_tokenizer_name(run.tokenizer)
 
 
 def _staging(out_dir: Path) -> Path:
