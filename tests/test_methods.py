@@ -105,25 +105,30 @@ def test_save_load_round_trip_and_cached_generation(method, arch, tokenizer, bat
     torch.manual_seed(1)
     with torch.no_grad():  # move off the identity so the round trip is not trivially true
         for p in model.parameters():
-            if p.requires_grad and method != "full":
-                p.add_(torch.randn_like(p) * 0.1)
+            if p.requires_grad:  # full fine-tuning moves every weight: a smaller step keeps it sane
+                p.add_(torch.randn_like(p) * (0.02 if method == "full" else 0.1))
     model.eval()
     m.save(model, tmp_path)
     loaded = m.load(copy.deepcopy(ref), tmp_path).eval()
     x = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with torch.no_grad():
+        moved = model(**x).logits[:, -x["input_ids"].shape[1]:]  # prompt tuning adds virtual positions
+        assert not torch.allclose(moved, ref.eval()(**x).logits, atol=1e-3)  # the round trip is not base to base
         assert torch.equal(model(**x).logits, loaded(**x).logits)
     # greedy decoding with the KV cache == greedy argmax of full forwards without it
     prompt = batch["input_ids"][0, :12].tolist()
-    cached = decode(loaded, prompt, 8)
-    seq, reference = list(prompt), []
-    with torch.no_grad():
-        for _ in range(8):
-            ids = torch.tensor([seq])
-            token = int(loaded(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1].argmax())
-            reference.append(token)
-            seq.append(token)
-    assert cached == reference
+    assert decode(loaded, prompt, 8) == uncached_greedy(loaded, prompt, 8)
+
+
+@torch.no_grad()
+def uncached_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """Argmax of full forwards without a KV cache: the definition of greedy decoding."""
+    seq, out = list(prompt), []
+    for _ in range(n):
+        ids = torch.tensor([seq])
+        out.append(int(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1].argmax()))
+        seq.append(out[-1])
+    return out
 
 
 def decode(model, prompt: list[int], n: int) -> list[int]:
@@ -220,8 +225,7 @@ def test_prefix_projection_trains_and_decodes_with_the_cache(arch, tokenizer, ba
     (loss / n).backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
     prompt = batch["input_ids"][0, :10].tolist()
-    cached = decode(model, prompt, 5)
-    assert len(cached) == 5
+    assert decode(model.eval(), prompt, 5) == uncached_greedy(model, prompt, 5)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
