@@ -8,7 +8,11 @@ shared arena conversations, greedy, EOS or ``--max-new-tokens``) are answered by
   when its longest answer ends;
 - ``hf_generate_batch``: transformers' own continuous batching (``generate_batch``),
   where it runs;
-- ``chattune``: ``chattune.engine.Engine`` with C slots (continuous batching).
+- ``chattune``: ``chattune.engine.Engine`` with C slots (continuous batching);
+- ``llamacpp``: llama.cpp through llama-cpp-python, on the first model's weights as
+  ``chattune export --format gguf`` writes them (f32, f16, q8_0), one sequence at a time
+  against the engine with one slot (``llamacpp_system.py``; skipped when ``llama_cpp``
+  does not import: ``make llamacpp``).
 Tokens/s counts answer tokens (EOS and padding excluded), all systems timed in one
 process, taking turns: with ``--rounds R`` each system runs the workload R times,
 alternating which goes first, and the rates are over the summed tokens and seconds (this
@@ -34,7 +38,8 @@ row reports the answers' median and maximum length and the share at the limit.
     .venv/bin/python benchmarks/generation.py --drafts    # ~2 min: one sequence, speculative steps off and on
     .venv/bin/python benchmarks/generation.py --phases    # ~1 min: the --quick workload's engine run, phases timed
 
-The last line is one JSON object with ``vs_hf_batched_16`` and ``vs_hf_single``.
+The last line is one JSON object with ``vs_hf_batched_16``, ``vs_hf_single`` and
+``vs_llamacpp_single`` (the engine at one sequence over llama.cpp at f32).
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _data  # noqa: E402
+import llamacpp_system  # noqa: E402
 
 from chattune.engine import GREEDY, Engine, Request, Variant  # noqa: E402
 
@@ -354,6 +360,12 @@ def main() -> None:
     result["headline"] = f"{models[0]}/{templates[0]}"
     result["vs_hf_batched_16"] = at16["vs_hf_batched"]
     result["vs_hf_single"] = at16["vs_hf_single"]
+    model, tok = load(models[0])
+    prompts = prompts_for(tok, 4 if args.quick else 8, template=templates[0])
+    result["llamacpp"] = llamacpp_system.table(model, tok, _data.model_dir(models[0]), templates[0], prompts,
+                                               max_new, rounds=args.rounds or 1)
+    print(f"[{models[0]}] llama.cpp at 1 sequence: {json.dumps(result['llamacpp'])}", flush=True)
+    result["vs_llamacpp_single"] = result["llamacpp"].get("vs_llamacpp_single")
     print(json.dumps(result))
 
 

@@ -83,17 +83,18 @@ def _ollama_name(run_dir: Path) -> str:
 
 def _write(run: LoadedRun, staging: Path, quant: str, adapter_only: bool, name: str) -> list[str]:
     template = run.cfg.data.template
-    tok_dir = run.run_dir / "tokenizer"
+    tok_dir = rundir.tokenizer_dir(run.run_dir)
     if adapter_only:
         from chattune.training.init_from import load_start_model
 
         base = load_start_model(run.cfg.model)  # what the adapter sits on (with --init-from: merged in)
         model_file, adapter_file = "base.gguf", "adapter.gguf"
-        lines = [_write_model(staging / model_file, base, run, tok_dir, quant, f"{name} base"),
+        lines = [write_model(staging / model_file, base, run.tokenizer, tok_dir, template, quant, f"{name} base"),
                  _write_adapter(staging / adapter_file, run.model, quant, name)]
     else:
         model_file, adapter_file = "model.gguf", None
-        lines = [_write_model(staging / model_file, run.method.merge(run.model), run, tok_dir, quant, name)]
+        merged = run.method.merge(run.model)
+        lines = [write_model(staging / model_file, merged, run.tokenizer, tok_dir, template, quant, name)]
     (staging / "Modelfile").write_text(modelfile(model_file, run.tokenizer, template, adapter_file))
     (staging / "README.md").write_text(readme(name, model_file, "; ".join(lines), adapter_file))
     return lines + ["Modelfile, README.md", f"ollama create {name} -f <OUT>/Modelfile",
@@ -101,14 +102,23 @@ def _write(run: LoadedRun, staging: Path, quant: str, adapter_only: bool, name: 
                     + " --jinja"]
 
 
-def _write_model(path: Path, model, run: LoadedRun, tok_dir: Path, quant: str, name: str) -> str:
+def write_model(path: Path, model, tokenizer, tokenizer_dir: Path, template: str, quant: str, name: str) -> str:
+    """One model's GGUF file (weights, hyperparameters, tokenizer, chat template); a summary line.
+
+    Args:
+        path: the file to write.
+        model: a plain transformers causal LM (a method already merged in).
+        tokenizer: its tokenizer, saved in ``tokenizer_dir`` (SpecialVocab reads the files there).
+        template: the chat template answers are rendered with: "seed", "chat" or "auto".
+        quant: one of ``QUANTS``.
+        name: ``general.name``.
+    """
     config = model.config
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf_arch(config)])
     writer.add_name(name)
     add_hparams(writer, config, quant)
-    add_vocab(writer, run.tokenizer, tok_dir, model.get_input_embeddings().weight.shape[0], run.cfg.data.template)
-    n_tensors = len(model.state_dict())
-    return _finish(writer, path, model_tensors(model), quant, n_tensors)
+    add_vocab(writer, tokenizer, tokenizer_dir, model.get_input_embeddings().weight.shape[0], template)
+    return _finish(writer, path, model_tensors(model), quant, len(model.state_dict()))
 
 
 def _write_adapter(path: Path, model, quant: str, name: str) -> str:
