@@ -28,6 +28,19 @@ test-slow: venv
 test-killanywhere: venv
 	$(PY) -m pytest -q -m slow tests/test_interrupts.py::test_kill_anywhere
 
+# llama.cpp for tests/test_gguf_llamacpp.py (docs/gguf.md): llama-cpp-python compiled for this
+# CPU (GGML_NATIVE); the wheel is cached outside the repo, one per CPU flag set, and built only
+# when missing (tens of minutes on 2 cores), so a clean clone on a known host installs it in seconds.
+.PHONY: llamacpp
+LLAMACPP_VERSION := 0.3.36
+LLAMACPP_WHEELS ?= $(HOME)/.cache/chattune/wheels/llama-cpp-python-$(LLAMACPP_VERSION)-$(shell grep -m1 '^flags' /proc/cpuinfo | md5sum | cut -c1-12)
+llamacpp: venv
+	@$(PY) -c "import llama_cpp" 2>/dev/null || { \
+	  ls $(LLAMACPP_WHEELS)/*.whl >/dev/null 2>&1 || \
+	    CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	    $(PY) -m pip wheel -q --no-deps -w $(LLAMACPP_WHEELS) llama-cpp-python==$(LLAMACPP_VERSION) && \
+	  $(PY) -m pip install -q $(LLAMACPP_WHEELS)/*.whl; }
+
 bench: venv
 	$(PY) benchmarks/throughput.py
 
