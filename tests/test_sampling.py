@@ -16,6 +16,7 @@ import torch
 
 from chattune.engine import DEFAULTS, GREEDY, Engine, Request, SamplingParams
 from chattune.engine.lane import Row
+from chattune.engine.lookup import Lookup
 from chattune.engine.sampling import choose, noise_seed, penalise
 from chattune.engine.text import TextTracker
 from chattune.errors import UserError
@@ -203,3 +204,46 @@ def test_without_stops_everything_streams_and_multibyte_characters_arrive_whole(
     tracker, parts, stopped = feed(tokenizer, text, [])
     assert not stopped and all("\ufffd" not in p for p in parts)
     assert "".join(parts) == text == tracker.finish()
+
+
+def test_accepted_tokens_feed_the_rows_draft_lookup(tokenizer):
+    r, seen = row(tokenizer, budget=10), torch.zeros(50, dtype=torch.bool)
+    r.lookup = Lookup([1, 2, 3, 4])
+    accept(r, 2, seen)  # 1 2 3 4 2: after 2 came 3 4 before
+    assert r.lookup.history == [1, 2, 3, 4, 2] and r.lookup.draft(2) == [3, 4]
+
+
+class Pieces:
+    """A stand-in tokenizer: token i is ``pieces[i]``; ids >= 100 are special tokens."""
+
+    def __init__(self, *pieces: str):
+        self.pieces = pieces
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join("<s>" if i >= 100 and not skip_special_tokens else "" if i >= 100 else self.pieces[i]
+                       for i in ids)
+
+
+def track(pieces: Pieces, ids: list[int], stops: list[str]) -> tuple[TextTracker, list[str], list[bool]]:
+    parts: list[str] = []
+    tracker, stopped = TextTracker(pieces, stops, parts.append), []
+    for i in ids:
+        stopped.append(tracker.add(i))
+        if stopped[-1]:
+            break
+    return tracker, parts, stopped
+
+
+def test_a_stop_string_at_the_very_start_cuts_everything():
+    tracker, parts, stopped = track(Pieces("##", "x"), [0, 1], ["##"])
+    assert stopped == [True] and tracker.text == "" and parts == []
+
+
+def test_the_first_occurrence_in_one_token_is_where_the_answer_ends():
+    tracker, parts, stopped = track(Pieces("a", "b!c!d"), [0, 1], ["!"])
+    assert stopped == [False, True] and tracker.text == "ab" == "".join(parts)
+
+
+def test_special_tokens_are_not_text_and_no_empty_delta_is_streamed():
+    tracker, parts, stopped = track(Pieces("a", "b"), [0, 100, 1, 100], ["zz"])
+    assert not any(stopped) and tracker.finish() == "ab" and parts == ["a", "b"]

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ uvicorn = pytest.importorskip("uvicorn", reason="needs the serve extra: pip inst
 pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'chattune[serve]'")
 
 from chattune.cli import main  # noqa: E402
-from chattune.engine import Engine  # noqa: E402
+from chattune.engine import DEFAULTS, Engine  # noqa: E402
 from chattune.serve.app import build_app  # noqa: E402
 from chattune.serve.models import load_served  # noqa: E402
 from chattune.serve.worker import Worker  # noqa: E402
@@ -131,11 +132,21 @@ def test_stop_strings_and_seeds(server):
     assert sampled[0] == sampled[1] != sampled[2]
 
 
-def test_messages_with_system_and_assistant_turns(server):
-    got = client(server["url"]).chat.completions.create(model="lora", max_tokens=4, temperature=0, messages=[
-        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": [{"type": "text", "text": "And?"}]}])
-    assert got.choices[0].message.content
+def test_messages_with_system_and_assistant_turns(server, served):
+    """The system text goes in front of the first user turn and earlier answers stay: the
+    prompt the server decodes has exactly the tokens of that conversation."""
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": [{"type": "text", "text": "And?"}]}]
+    got = client(server["url"]).chat.completions.create(model="lora", max_tokens=4, temperature=0, messages=messages)
+    turns = [{"role": "user", "content": "Be brief.\n\nHi"}, {"role": "assistant", "content": "Hello!"},
+             {"role": "user", "content": "And?"}]
+    expected = served.runs["lora"].request(turns, max_new_tokens=4)
+    assert got.usage.prompt_tokens == len(expected.prompt_ids)
+    without_system = [{"role": "user", "content": "Hi"}, *turns[1:]]
+    assert len(served.runs["lora"].request(without_system, max_new_tokens=4).prompt_ids) < got.usage.prompt_tokens
+    engine = Engine(served.variants, served.tokenizer, served.tokenizer.eos_token_id)
+    answer = engine.run([replace(expected, sampling=DEFAULTS.with_(temperature=0.0), variant="lora")])[0]
+    assert got.choices[0].message.content == answer.text
 
 
 def _error(response: httpx.Response, status: int) -> dict:
