@@ -90,5 +90,5 @@ def test_shared_arena_conversations(shared_data, capsys):
 def test_shared_arena_hard(shared_data, capsys):
     out = run_json(["--dataset", str(shared_data / "arena_hard_v0.1.jsonl"), "--format", "prompt-answers",
                     "--answer-model", "gpt-4-0314"], capsys)
-    assert out["rows_read"] == 500 and out["rows_kept"] == out["samples"] == 499
-    assert out["dropped"] == {"looping_answer": 1}  # ten near-identical test cases: seq-rep-4 0.63
+    # all kept: the old word seq-rep-4 filter (0.63 > 0.5) dropped 73e36294's eight test cases in one layout
+    assert out["rows_read"] == 500 and out["rows_kept"] == out["samples"] == 500 and out["dropped"] == {}

@@ -19,7 +19,11 @@ from chattune.errors import UserError
 CHOICES = {"format": FORMATS, "side": SIDES, "turns": TURNS, "template": TEMPLATES, "preset": PRESETS}
 DESCRIPTION = """Load, select and split conversations as a training run would, and report every
 row that was not kept with its reason. With --model or --tokenizer, also tokenise and count
-tokens per split (total and loss-bearing)."""
+tokens per split (total and loss-bearing). With --objective dpo|ipo|simpo|orpo|kto, select
+what that objective trains on and say what every vote became (pairs, tie pairs, desirable and
+undesirable answers) and why the others were dropped."""
+OBJECTIVES = ["sft", "dpo", "ipo", "simpo", "orpo", "kto"]
+TIES = ["drop", "rao-kupper", "davidson"]
 
 
 def add_parser(subparsers) -> None:
@@ -32,6 +36,10 @@ def add_parser(subparsers) -> None:
     who = p.add_mutually_exclusive_group()
     who.add_argument("--model", help="tokenise with this model's tokenizer (hub id, local dir or smollm2-135m)")
     who.add_argument("--tokenizer", help="tokenise with this tokenizer (local directory or hub id)")
+    p.add_argument("--objective", choices=OBJECTIVES, default="sft",
+                   help="select as this training objective does (default: sft)")
+    p.add_argument("--ties", choices=TIES, default="drop",
+                   help="with --objective dpo: keep 'tie' votes as tie pairs (as train.ties does; default: drop)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the readable summary")
     p.add_argument("--show", type=int, default=0, metavar="N",
                    help="print N rendered samples with the loss-bearing part marked (default: 0)")
@@ -64,7 +72,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = DataConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DataConfig)})
     if not (args.model or args.tokenizer) and args.show and cfg.template == "chat":
         raise UserError("--show with --template chat needs --model or --tokenizer")
-    selection = select(cfg, args.model, args.tokenizer)
+    if args.ties != "drop" and args.objective != "dpo":
+        raise UserError("--ties applies to --objective dpo")
+    selection = select(cfg, args.model, args.tokenizer, objective=args.objective, ties=args.ties != "drop")
     color = not args.json and sys.stdout.isatty()  # the loss-bearing part in green on a terminal, else in ⟦ ⟧
     shown = selection.samples(args.show, args.seed, ("\x1b[32m", "\x1b[0m") if color else ("⟦", "⟧"))
     if args.json:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from chattune.config import closest, field
 from chattune.errors import UserError
 
-FORMATS = ["auto", "arena", "messages", "sharegpt", "alpaca", "prompt-answers", "pairs"]
+FORMATS = ["auto", "arena", "messages", "sharegpt", "alpaca", "prompt-answers", "pairs", "unpaired"]
 SIDES = ["winner", "a", "b", "both"]
 TURNS = ["all", "first"]
 TEMPLATES = ["seed", "chat", "auto"]
@@ -34,7 +34,7 @@ class DataConfig:
     dataset: str = field("sample", help="'sample' (built in), a hub dataset id such as "
                          "lmsys/chatbot_arena_conversations, or a local .jsonl/.json/.parquet file")
     format: str = field("auto", help="row format: auto|arena|messages|sharegpt|alpaca|prompt-answers|pairs "
-                        "({prompt, chosen, rejected})")
+                        "({prompt, chosen, rejected})|unpaired ({prompt, completion, label}: kto)")
     answer_model: str | None = field(None, help="prompt-answers rows: whose answer to train on")
     chosen_model: str | None = field(None, help="prompt-answers rows as preference pairs: the preferred model")
     rejected_model: str | None = field(None, help="prompt-answers rows as preference pairs: the other model")

@@ -3,14 +3,17 @@ dropped and tokenised, and rendered samples with the loss-bearing part marked.""
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from chattune.config import from_dict
 from chattune.data.config import DataConfig
+from chattune.data.pairs import load_pairs, prepare_pairs, vote_account
 from chattune.data.render import PreparedData, prepare
 from chattune.data.select import ConversationSet, load_conversations
+from chattune.data.votes import load_kto, prepare_kto
 from chattune.data.summary import format_summary, marked_text, marked_tokens, pick, summary_dict
 from chattune.errors import UserError
 
@@ -45,7 +48,7 @@ class DataSelection:
             if self.config.template == "chat":
                 raise UserError("--show with --template chat needs --model or --tokenizer")
             rows = self.conversations.samples
-            return [{"id": rows[i]["id"], "split": rows[i]["split"], "text": marked_text(rows[i]["messages"], marks)}
+            return [{"id": rows[i]["id"], "split": rows[i]["split"], "text": _marked_row(rows[i], marks)}
                     for i in pick(n, len(rows), seed)]
         rows = [s | {"split": name} for name, split in self.prepared.splits.items() for s in split]
         return [{"id": rows[i]["id"], "split": rows[i]["split"],
@@ -53,13 +56,34 @@ class DataSelection:
                 for i in pick(n, len(rows), seed)]
 
 
-def select(cfg: DataConfig, model: str | None = None, tokenizer: str | None = None) -> DataSelection:
-    """The data step for ``cfg``; tokenised with ``model``'s (or ``tokenizer``'s) tokenizer if given."""
+def select(cfg: DataConfig, model: str | None = None, tokenizer: str | None = None, objective: str = "sft",
+           ties: bool = False) -> DataSelection:
+    """The data step for ``cfg`` as ``objective`` selects (``ties``: DPO's tie pairs kept);
+    tokenised with ``model``'s (or ``tokenizer``'s) tokenizer if given."""
     name = model or tokenizer
     tok = _load_tokenizer(model, tokenizer) if name else None
-    prepared = prepare(cfg, tok) if tok is not None else None
-    conversations = prepared.conversations if prepared else load_conversations(cfg)
-    return DataSelection(cfg, conversations, prepared, summary_dict(cfg, conversations, prepared, name), tok)
+    if objective == "sft":
+        prepared = prepare(cfg, tok) if tok is not None else None
+        conversations = prepared.conversations if prepared else load_conversations(cfg)
+        return DataSelection(cfg, conversations, prepared, summary_dict(cfg, conversations, prepared, name), tok)
+    if objective == "kto":
+        prepared = prepare_kto(cfg, tok) if tok is not None else None
+        conversations = prepared.conversations if prepared else load_kto(cfg)
+        became = [f"{s['vote']}_{'desirable' if s['label'] else 'undesirable'}" for s in conversations.samples]
+    else:
+        prepared = prepare_pairs(cfg, tok, ties) if tok is not None else None
+        conversations = prepared.conversations if prepared else load_pairs(cfg, ties)
+        became = ["tie_pairs" if s["tie"] else "decided_pairs" for s in conversations.samples]
+    summary = summary_dict(cfg, conversations, prepared, name)
+    summary["votes"] = prepared.votes() if prepared else vote_account(conversations, Counter(became), Counter())
+    summary["objective"] = objective
+    return DataSelection(cfg, conversations, prepared, summary, tok)
+
+
+def _marked_row(row: dict, marks: tuple[str, str]) -> str:
+    if "messages" in row:
+        return marked_text(row["messages"], marks)  # SFT's conversations and KTO's answers
+    return marked_text(row["chosen"], marks) + "\n--- rejected:\n" + marked_text(row["rejected"], marks)
 
 
 def load(dataset: str = "sample", *, model: str | None = None, tokenizer: str | None = None,

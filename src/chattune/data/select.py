@@ -96,6 +96,8 @@ def check_row(row: Row, cfg: DataConfig, sides) -> None:
 
 def _row_samples(row: Row, cfg: DataConfig, seen: set[bytes]) -> tuple[list[dict], Counter]:
     """The samples of one row and the sides dropped inside it; raises BadRow or Drop for the row."""
+    if row.label is False:
+        raise Drop("undesirable_answer")  # a thumbs-down answer is nothing to imitate
     sides = _used_sides(row, cfg)
     conversations = {}
     check_row(row, cfg, sides)

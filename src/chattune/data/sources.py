@@ -1,6 +1,6 @@
 """Read rows from the built-in sample, the hub or a local file, and parse them into ``Row``s.
 
-Six row formats share one shape after parsing: a ``Row`` holding one conversation per
+Seven row formats share one shape after parsing: a ``Row`` holding one conversation per
 side (arena rows have sides "a" and "b", every other format one side, ``None``). Pair
 rows ({prompt, chosen, rejected}, or prompt-answers with --chosen-model/--rejected-model)
 parse as arena rows whose vote went to side "a", so preference pairs and SFT's
@@ -53,6 +53,7 @@ class Row:
     winner: Any = None
     language: str | None = None
     flagged: bool = False
+    label: bool | None = None  # unpaired rows: thumbs up (True) or down (False)
 
 
 @dataclass
@@ -195,7 +196,8 @@ def _detect(first: dict | None, name: str) -> str:
     keys = set(first)
     for fmt, needed in (("arena", {"conversation_a"}), ("arena", {"conversation_b"}), ("messages", {"messages"}),
                         ("sharegpt", {"conversations"}), ("alpaca", {"instruction", "output"}),
-                        ("prompt-answers", {"prompt", "answers"}), ("pairs", {"chosen", "rejected"})):
+                        ("prompt-answers", {"prompt", "answers"}), ("pairs", {"chosen", "rejected"}),
+                        ("unpaired", {"completion", "label"})):
         if needed <= keys:
             return fmt
     raise UserError(f"{name}: cannot tell the row format from the keys {sorted(keys)[:8]}; pass --format")
@@ -220,6 +222,8 @@ def _parser(fmt: str, cfg: DataConfig, first: dict | None):
         return _alpaca
     if fmt == "pairs":
         return _pair
+    if fmt == "unpaired":
+        return _unpaired
     if cfg.chosen_model or cfg.rejected_model:
         if not (cfg.chosen_model and cfg.rejected_model):
             raise UserError("prompt-answers pairs need both --chosen-model and --rejected-model")
@@ -366,13 +370,7 @@ def _pair(rec: dict, where: str) -> Row:
     the prompt optional when chosen and rejected are whole conversations)."""
     if "chosen" not in rec or "rejected" not in rec:
         raise BadRow("missing_field", "pair rows need 'chosen' and 'rejected'")
-    prompt = rec.get("prompt")
-    if prompt is None:
-        head = []
-    elif isinstance(prompt, str):
-        head = [{"role": "user", "content": prompt}]
-    else:
-        head = _messages(prompt, "role", "content")
+    head = _prompt_head(rec.get("prompt"))
     sides = {}
     for side, key in (("a", "chosen"), ("b", "rejected")):
         answer = rec[key]
@@ -383,3 +381,30 @@ def _pair(rec: dict, where: str) -> Row:
         else:
             sides[side] = head + _messages(answer, "role", "content")
     return Row(where, _row_id(rec, where, "id", "question_id"), sides, winner="model_a")
+
+
+def _prompt_head(prompt: Any) -> list[dict]:
+    """The turns before the answer of a pair or unpaired row: none, one user string, or messages."""
+    if prompt is None:
+        return []
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return _messages(prompt, "role", "content")
+
+
+def _unpaired(rec: dict, where: str) -> Row:
+    """{"prompt", "completion", "label"}: one answer with a thumbs up (true) or down (false),
+    TRL's unpaired preference format (strings, or message lists as in ``_pair``)."""
+    if "completion" not in rec or "label" not in rec:
+        raise BadRow("missing_field", "unpaired rows need 'completion' and 'label'")
+    if not isinstance(rec["label"], bool):
+        raise BadRow("wrong_type", "'label' must be true or false")
+    head, completion = _prompt_head(rec.get("prompt")), rec["completion"]
+    if isinstance(completion, str):
+        if not head:
+            raise BadRow("missing_field", "'completion' is a string but there is no 'prompt'")
+        _check_text(completion)
+        messages = head + [{"role": "assistant", "content": completion}]
+    else:
+        messages = head + _messages(completion, "role", "content")
+    return Row(where, _row_id(rec, where, "id", "question_id"), {None: messages}, label=rec["label"])

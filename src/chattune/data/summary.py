@@ -48,6 +48,11 @@ def format_summary(summary: dict) -> str:
     ]
     if s["samples_dropped"]:
         lines.append(f"           sides dropped inside kept rows: {_counts(s['samples_dropped'])}")
+    if "votes" in s:
+        v = s["votes"]
+        lines.append(f"votes      {s['objective']}: {v['rows_read']} rows became {_counts(v['became'])}")
+        lines.append(f"           dropped: rows {_counts(v['dropped'])}; sides {_counts(v['sides_dropped'])}; "
+                     f"at tokenisation {_counts(v['dropped_at_tokenisation'])}")
     if "tokens" in s:
         cfg = s["config"]
         lines.append(f"tokens     tokenizer {s['tokenizer']}, template {s['template']}, max_length {cfg['max_length']}"
@@ -55,6 +60,8 @@ def format_summary(summary: dict) -> str:
         lines.append(f"           {'split':<11}{'samples':>8}{'tokens':>10}{'loss':>10}{'share':>7}"
                      f"{'median':>8}{'p95':>6}{'cut':>6}")
         for name, t in s["tokens"].items():
+            if name not in SPLITS:
+                continue  # pair data also reports its row account here; the votes line says it
             lines.append(f"           {name:<11}{t['samples']:>8}{t['tokens']:>10}{t['loss_tokens']:>10}"
                          f"{100 * t['loss_share']:>6.1f}%{t['median_length']:>8.0f}{t['p95_length']:>6}"
                          f"{t['truncated']:>6}")
