@@ -19,7 +19,8 @@ from hypothesis import given, settings, strategies as st  # noqa: E402
 
 from chattune.engine import DEFAULTS, Answer, PromptTooLong, Request  # noqa: E402
 from chattune.errors import UserError  # noqa: E402
-from chattune.serve.app import MAX_BODY, ApiError, Message, _conversation, build_app  # noqa: E402
+from chattune.serve.app import MAX_BODY, Message, _conversation, _stream, _whole, build_app  # noqa: E402
+from chattune.serve.protocol import ApiError, Reply  # noqa: E402
 from chattune.serve.worker import Busy, Job  # noqa: E402
 
 URL = "/v1/chat/completions"
@@ -274,3 +275,73 @@ def test_any_openai_messages_map_to_turns_that_start_and_end_with_the_user(raw):
     assert [t["content"] for t in turns[1:]] == [m.text for m in said[1:]]
     system = "\n\n".join(m.text for m in messages if m.role == "system")
     assert turns[0]["content"] == (f"{system}\n\n{said[0].text}" if system else said[0].text)
+
+
+# -- the app's plumbing --------------------------------------------------------------------------------
+def test_models_page_docs_and_lifespan(app):
+    _, served, worker = app
+    with TestClient(build_app(served, worker, max_tokens=100)) as client:  # runs the lifespan through the middleware
+        models = client.get("/v1/models").json()
+        assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["a", "b", "base"]
+        assert all(set(m) == {"id", "object", "created", "owned_by"} and m["object"] == "model"
+                   and isinstance(m["created"], int) and m["owned_by"] == "chattune" for m in models["data"])
+        page = client.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html") and "<" in page.text
+        for hidden in ("/docs", "/redoc", "/openapi.json"):  # no schema or docs pages
+            assert client.get(hidden).status_code == 404
+        big = client.put(URL, content=b"x" * (MAX_BODY + 1), headers={"content-type": "application/json"})
+        assert error(big, 413)["code"] == "request_too_large"  # any method with a body is limited
+
+
+def test_cors_preflight_allows_the_api_methods_and_headers(app):
+    _, served, worker = app
+    client = TestClient(build_app(served, worker, max_tokens=100, cors_origins=["http://app.example"]))
+    asks = {"Origin": "http://app.example", "Access-Control-Request-Headers": "Authorization, Content-Type"}
+    for method in ("GET", "POST"):
+        r = client.options(URL, headers={**asks, "Access-Control-Request-Method": method})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example", method
+    assert client.options(URL, headers={**asks, "Access-Control-Request-Method": "DELETE"}).status_code == 400
+
+
+def test_api_key_message_and_spacing(app):
+    _, served, worker = app
+    client = TestClient(build_app(served, worker, max_tokens=100, api_key="s3cret"))
+    body = error(client.get("/v1/models"), 401)
+    assert body["message"] == "missing or wrong API key (send 'Authorization: Bearer <key>')"
+    assert client.get("/v1/models", headers={"Authorization": "Bearer  s3cret "}).status_code == 200
+
+
+def job_with(*events) -> Job:
+    job = Job(Request([1]), asyncio.get_running_loop())
+    for e in events:
+        job.events.put_nowait(e)
+    return job
+
+
+def test_a_finished_stream_is_not_cancelled_and_a_dropped_one_is():
+    async def go():
+        worker = FakeWorker()
+        done = job_with(("done", Answer(None, "x", [1], "eos", 1)))
+        chunks = [c async for c in _stream(done, worker, Reply("a"), False)]
+        assert chunks[-1] == "data: [DONE]\n\n" and worker.cancelled == []
+        dropped = job_with(("text", "x"))
+        stream = _stream(dropped, worker, Reply("a"), False)
+        await stream.__anext__()  # the role chunk, then the client goes away
+        await stream.aclose()
+        assert worker.cancelled == [dropped]
+
+    asyncio.run(go())
+
+
+def test_a_whole_answer_whose_client_left_is_cancelled():
+    class Gone:
+        async def is_disconnected(self):
+            return True
+
+    async def go():
+        worker = FakeWorker()
+        job = job_with()
+        response = await asyncio.wait_for(_whole(job, worker, Reply("a"), Gone()), timeout=5)
+        assert response.status_code == 499 and response.body == b"{}" and worker.cancelled == [job]
+
+    asyncio.run(go())
