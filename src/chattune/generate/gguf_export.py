@@ -50,7 +50,7 @@ def export_gguf(run_dir: str, out: str, quant: str = "f16", adapter_only: bool =
     pre_tokenizer_name(run.tokenizer)
     staging = _staging(out_dir)
     try:
-        lines = _write(run, staging, quant, adapter_only, _ollama_name(run.run_dir))
+        lines = _write(run, staging, quant, adapter_only, _ollama_name(run.run_dir), out_dir)
         os.replace(staging, out_dir)
     except OSError as e:
         raise UserError(f"cannot write {out_dir}: {e.strerror or e}") from None
@@ -81,7 +81,7 @@ def _ollama_name(run_dir: Path) -> str:
     return re.sub(r"[^a-z0-9._-]+", "-", run_dir.resolve().name.lower()).strip("-.") or "chattune"
 
 
-def _write(run: LoadedRun, staging: Path, quant: str, adapter_only: bool, name: str) -> list[str]:
+def _write(run: LoadedRun, staging: Path, quant: str, adapter_only: bool, name: str, out_dir: Path) -> list[str]:
     template = run.cfg.data.template
     tok_dir = rundir.tokenizer_dir(run.run_dir)
     if adapter_only:
@@ -97,9 +97,9 @@ def _write(run: LoadedRun, staging: Path, quant: str, adapter_only: bool, name: 
         lines = [write_model(staging / model_file, merged, run.tokenizer, tok_dir, template, quant, name)]
     (staging / "Modelfile").write_text(modelfile(model_file, run.tokenizer, template, adapter_file))
     (staging / "README.md").write_text(readme(name, model_file, "; ".join(lines), adapter_file))
-    return lines + ["Modelfile, README.md", f"ollama create {name} -f <OUT>/Modelfile",
-                    f"llama-server -m <OUT>/{model_file}" + (f" --lora <OUT>/{adapter_file}" if adapter_file else "")
-                    + " --jinja"]
+    lora = f" --lora {out_dir / adapter_file}" if adapter_file else ""
+    return lines + ["Modelfile, README.md", f"ollama create {name} -f {out_dir / 'Modelfile'}",
+                    f"llama-server -m {out_dir / model_file}{lora} --jinja"]
 
 
 def write_model(path: Path, model, tokenizer, tokenizer_dir: Path, template: str, quant: str, name: str) -> str:
