@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from chattune.config import closest, from_dict, load_yaml, merge, parse_overrides, set_dotted, to_dict
+from chattune.config import closest, to_dict
 from chattune.errors import UserError
 
 if TYPE_CHECKING:
@@ -157,28 +157,15 @@ def _resume_config(config, resume, flags: dict, sections: dict, overrides: Seque
 
 
 def _new_config(config, flags: dict, sections: dict, overrides: Sequence[str]):
-    from chattune.training.settings import FLAG_KEYS, RunConfig
+    from chattune.training.settings import build_config
 
     if flags.get("init_from") and not (flags.get("model") or config or "name" in sections.get("model", {})):
         from chattune.training import rundir  # the earlier run's base model, unless told otherwise
 
         flags = {**flags, "model": rundir.raw_config(Path(flags["init_from"]))["model"]["name"]}
-    if config is None:
-        data = {}
-    elif isinstance(config, (str, Path)):
-        data = load_yaml(config)
-    elif isinstance(config, dict):
-        data = config
-    else:
-        data = to_dict(config)
-    flag_data: dict = {}
-    for name, value in flags.items():
-        if value is not None:
-            set_dotted(flag_data, FLAG_KEYS[name], value)
-    data = merge(merge(merge(data, flag_data), sections), parse_overrides(list(overrides)))
-    cfg = from_dict(RunConfig, data, "config")
-    cfg.method.settings()  # validate the selected method's section now, not mid-run
-    return cfg
+    if config is not None and not isinstance(config, (str, Path, dict)):
+        config = to_dict(config)  # a RunConfig
+    return build_config(config, flags, list(overrides), sections)
 
 
 def _train(cfg, resume: bool) -> dict:

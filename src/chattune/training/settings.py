@@ -150,16 +150,18 @@ FLAG_KEYS = {
 }
 
 
-def build_config(config_path: str | None, flags: dict, overrides: list[str]) -> RunConfig:
-    """YAML file, then common flags, then ``--set`` overrides; later wins."""
-    data = load_yaml(config_path) if config_path else {}
+def build_config(config_path: str | dict | None, flags: dict, overrides: list[str],
+                 sections: dict | None = None) -> RunConfig:
+    """YAML file (or its mapping), then common flags, then whole sections (the Python API's
+    ``train={...}``), then ``--set`` overrides; later wins."""
+    data = (dict(config_path) if isinstance(config_path, dict) else load_yaml(config_path)) if config_path else {}
     from chattune.config import set_dotted
 
     flag_data: dict = {}
     for name, value in flags.items():
         if value is not None:
             set_dotted(flag_data, FLAG_KEYS[name], value)
-    data = merge(merge(data, flag_data), parse_overrides(overrides))
+    data = merge(merge(merge(data, flag_data), sections or {}), parse_overrides(overrides))
     cfg = from_dict(RunConfig, data, "config")
     cfg.method.settings()  # validate the selected method's section now, not mid-run
     return cfg
