@@ -175,17 +175,17 @@ def test_formula_by_hand():
 
 
 @pytest.mark.parametrize(
-    "bad",
+    "bad, message",
     [
-        {"placement": "parallel"},
-        {"activation": "tanh"},
-        {"bottleneck_size": 0},
-        {"reduction_factor": 0},
-        {"dropout": 1.0},
+        ({"placement": "parallel"}, "adapter.placement must be 'houlsby' or 'pfeiffer'"),
+        ({"activation": "tanh"}, "adapter.activation must be one of"),
+        ({"bottleneck_size": 0}, "adapter.bottleneck_size must be a positive integer"),
+        ({"reduction_factor": 0}, "adapter.reduction_factor must be a positive integer"),
+        ({"dropout": 1.0}, r"adapter.dropout must be in \[0, 1\)"),
     ],
 )
-def test_invalid_config_is_a_user_error(bad):
-    with pytest.raises(UserError):
+def test_invalid_config_is_a_user_error(bad, message):
+    with pytest.raises(UserError, match=message):
         AdapterConfig(**bad)
 
 

@@ -11,12 +11,17 @@ from chattune.engine import cache as kv
 LAYERS, HEADS, DIM = 2, 3, 4
 
 
+def _left_pad(x: torch.Tensor, width: int) -> torch.Tensor:
+    """(H, n, d) -> (H, width, d): zeros in front, written out here rather than with the module's own helper."""
+    return torch.cat([torch.zeros(x.shape[0], width - x.shape[1], x.shape[2], dtype=x.dtype), x], dim=1)
+
+
 def _cache(rows: list[torch.Tensor]) -> DynamicCache:
     """A plain cache of ``rows`` (each (layers, 2, H, n, d)), left-padded to the widest."""
     width = max(r.shape[-2] for r in rows)
     out = DynamicCache()
-    out.layers = [kv.GrowingLayer(torch.stack([kv._left_pad(r[i, 0], width) for r in rows]),
-                                  torch.stack([kv._left_pad(r[i, 1], width) for r in rows])) for i in range(LAYERS)]
+    out.layers = [kv.GrowingLayer(torch.stack([_left_pad(r[i, 0], width) for r in rows]),
+                                  torch.stack([_left_pad(r[i, 1], width) for r in rows])) for i in range(LAYERS)]
     return out
 
 
@@ -27,8 +32,8 @@ def _row(n: int, seed: int) -> torch.Tensor:
 def _assert_holds(cache: DynamicCache, rows: list[torch.Tensor]) -> None:
     width = cache.get_seq_length()
     for i, layer in enumerate(cache.layers):
-        want_k = torch.stack([kv._left_pad(r[i, 0], width) for r in rows])
-        want_v = torch.stack([kv._left_pad(r[i, 1], width) for r in rows])
+        want_k = torch.stack([_left_pad(r[i, 0], width) for r in rows])
+        want_v = torch.stack([_left_pad(r[i, 1], width) for r in rows])
         assert torch.equal(layer.keys, want_k) and torch.equal(layer.values, want_v)
 
 

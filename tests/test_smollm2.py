@@ -37,7 +37,8 @@ def test_lora_on_smollm2_learns_to_stop(tmp_path, capsys):
     assert main(["eval", str(out), "--json", "--num-generate", "4", "--max-new-tokens", "48"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["tuned"]["loss"] < result["base"]["loss"]
-    assert result["tuned"]["greedy"]["eos_share"] >= result["base"]["greedy"]["eos_share"]
+    stops = result["tuned"]["greedy"]["eos_share"]
+    assert stops > 0 and stops >= result["base"]["greedy"]["eos_share"]  # it stops, at least as often as the base
     assert main(["chat", str(out), "--prompt", "What is the capital of Italy?", "--temperature", "0",
                  "--max-new-tokens", "24"]) == 0
     assert capsys.readouterr().out.strip()
