@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
 from chattune.cli import main
+from chattune.engine import GREEDY
 from chattune.engine.text import TextTracker
+from chattune.generate.chat import chat
 from tiny import make_tokenizer, tiny_dirs  # noqa: F401  (fixture)
 
 
@@ -59,9 +63,33 @@ def test_one_shot_prompt_and_base_answer(run_dir, capsys):
 
 def test_interactive_multi_turn_session(run_dir):
     proc = subprocess.run([sys.executable, "-m", "chattune.cli", "chat", str(run_dir), "--max-new-tokens", "4"],
-                          input="Hi\nAnd then?\n/reset\n/quit\n", capture_output=True, text=True, timeout=120)
+                          input="Hi\nAnd then?\n/reset\nAgain\n/quit\n", capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("assistant> ") == 2
+    assert proc.stdout.count("assistant> ") == 3
+
+
+class RecordingBot:
+    """Answers 'answer N' and records the conversation each answer was asked for."""
+
+    base, run_dir, run = False, "RUN", SimpleNamespace(cfg=SimpleNamespace(method=SimpleNamespace(name="lora")))
+
+    def __init__(self):
+        self.asked: list[list[dict]] = []
+
+    def stream(self, conversation, **opts):
+        self.asked.append(copy.deepcopy(conversation))
+        yield from (f"answer {len(self.asked)}", " ")
+
+
+def test_later_turns_see_the_earlier_ones_and_reset_clears_them(monkeypatch, capsys):
+    bot = RecordingBot()
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi\nAnd then?\n\n/reset\nAgain\n/quit\n"))
+    assert chat(bot, None, max_new_tokens=4, sampling=GREEDY) == 0
+    user = lambda text: {"role": "user", "content": text}  # noqa: E731
+    assert bot.asked == [[user("Hi")],
+                         [user("Hi"), {"role": "assistant", "content": "answer 1"}, user("And then?")],
+                         [user("Again")]]
+    assert capsys.readouterr().out.count("assistant> answer") == 3
 
 
 def test_chat_on_a_directory_that_is_not_a_run(tmp_path, capsys):
