@@ -77,6 +77,10 @@ class TrainArgs:
     loss_logits: Literal["selected", "full"] = field(
         "selected", help="selected: LM-head logits only where a token carries loss; full: at every position "
                          "(the HF default; kept to measure the difference, see benchmarks/levers.py)")
+    shard: Literal["none", "fsdp"] = field(
+        "none", help="none: every process holds the whole model (data parallel under `accelerate launch`); fsdp: "
+                     "PyTorch FSDP2 shards weights, gradients and AdamW state over the processes (>= 2; LoRA, "
+                     "DoRA, IA3, adapter, full; see docs/scaling.md)")
     compile: bool = field(False, help="torch.compile the model through Accelerate (inductor); off by default: "
                                       "measured slower on short CPU runs, see benchmarks/levers.py")
     log_every: int = field(10, help="optimiser steps between metrics.jsonl lines")
@@ -117,6 +121,8 @@ class TrainArgs:
             raise UserError("train.label_smoothing must be in [0, 0.5)")
         if self.label_smoothing and self.objective not in ("dpo", "simpo"):
             raise UserError(f"train.label_smoothing applies to dpo and simpo, not {self.objective}")
+        if self.shard == "fsdp" and self.compile:
+            raise UserError("train.compile is not supported with train.shard=fsdp; drop one")
         if self.orpo_alpha < 0 or self.sft_weight < 0:
             raise UserError("train.orpo_alpha and train.sft_weight must not be negative")
 
