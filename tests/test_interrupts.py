@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -129,16 +130,17 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tiny_dirs, tmp_path, capsys
 
 
 # -- kill anywhere -------------------------------------------------------------------------
-def killed_run(args: list[str], run: Path, kill_points) -> int:
+def killed_run(args: list[str], run: Path, kill_points) -> list[str]:
     """Run ``args`` under tests/killpoints.py, SIGKILLed at each kill point in turn (each
-    resumed process counts its own points), then resumed to the end. Returns the kills."""
-    kills = 0
+    resumed process counts its own points), then resumed to the end. Returns where each
+    kill landed (the kill point's description, traced by killpoints.py)."""
+    kills: list[str] = []
     for k in [*kill_points, 0]:
         argv = args if not (run / "config.yaml").exists() else ["train", "--resume", str(run)]
         res = subprocess.run([sys.executable, str(TESTS / "killpoints.py"), *argv], capture_output=True, text=True,
-                             env={**ENV, "CHATTUNE_KILL_AT": str(k)}, timeout=600)
+                             env={**ENV, "CHATTUNE_KILL_AT": str(k), "CHATTUNE_KILL_TRACE": "1"}, timeout=600)
         if res.returncode == -signal.SIGKILL:
-            kills += 1
+            kills.append(re.findall(r"kill point \d+: ([^\r\n]*)", res.stderr)[-1])  # lines may share a progress bar's
             continue
         assert res.returncode == 0, res.stderr[-3000:]
         assert "Traceback" not in res.stderr
@@ -158,11 +160,11 @@ def assert_same_run(a: Path, b: Path) -> None:
         [{k: v for k, v in m.items() if k not in drop} for m in mb]  # each step once, same numbers
 
 
-def kill_anywhere(tiny_dirs, tmp_path, steps: int, kill_points) -> int:
+def kill_anywhere(tiny_dirs, tmp_path, steps: int, kill_points) -> list[str]:
     args = lambda out: train_args(tiny_dirs["llama"], out, "--max-steps", str(steps), "--set",  # noqa: E731
                                   "train.save_every=1", "--set", "train.eval_every=2")
     straight = tmp_path / "straight"
-    assert killed_run(args(straight), straight, []) == 0
+    assert killed_run(args(straight), straight, []) == []
     killed = tmp_path / "killed"
     kills = killed_run(args(killed), killed, kill_points)
     assert_same_run(straight, killed)
@@ -170,17 +172,19 @@ def kill_anywhere(tiny_dirs, tmp_path, steps: int, kill_points) -> int:
 
 
 def test_kill_anywhere_fast(tiny_dirs, tmp_path):
-    # CHATTUNE_KILL_TRACE=1 lists the points. 20: half of step 2's metrics line (checkpoint 1
-    # kept); 21 of the resumed process: between the two renames of checkpoint 2 (it is left in
-    # .checkpoint-tmp); 11 of the next: checkpoint 3's trainable.safetensors half written
-    assert kill_anywhere(tiny_dirs, tmp_path, 3, [20, 21, 11]) == 3
+    # CHATTUNE_KILL_TRACE=1 lists the points: half of step 2's metrics line (checkpoint 1
+    # kept); in the resumed process, between the two renames of checkpoint 2 (it is left in
+    # .checkpoint-tmp); in the next, checkpoint 3's trainable.safetensors half written
+    assert kill_anywhere(tiny_dirs, tmp_path, 3, [20, 21, 11]) == [
+        "half a metrics line written", "renamed checkpoint to checkpoint-previous",
+        ".checkpoint-tmp/trainable.safetensors half written"]
 
 
 @pytest.mark.slow
 def test_kill_anywhere(tiny_dirs, tmp_path):
     """Every process is killed one point later than the one before, until one finishes."""
     kills = kill_anywhere(tiny_dirs, tmp_path, 4, range(1, 400))
-    assert kills >= 20
+    assert len(kills) >= 20
 
 
 def test_a_second_signal_after_the_run_stopped_exits_without_a_traceback():
