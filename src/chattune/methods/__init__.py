@@ -26,7 +26,8 @@ class Method:
         name: registry key, the value of ``--method``.
         config_cls: dataclass of the method's own settings (its config section).
         apply: ``apply(model, cfg) -> model`` adds the trainable parts and freezes the rest.
-        save: ``save(model, dir)`` writes the trainable state (safetensors + JSON).
+        save: ``save(model, dir, state_dict=None)`` writes the trainable state (safetensors +
+            JSON), taken from ``state_dict`` when given (a sharded model's gathered weights).
         load: ``load(base_model, dir) -> model`` rebuilds the trained model on a fresh base.
         disable: ``disable(model)`` is a context manager under which the model behaves
             exactly as the untouched base; None when the base must be reloaded (full FT).
@@ -44,7 +45,7 @@ class Method:
     name: str
     config_cls: type
     apply: Callable[[nn.Module, object], nn.Module]
-    save: Callable[[nn.Module, Path], None]
+    save: Callable[..., None]  # (model, dir, state_dict=None)
     load: Callable[[nn.Module, Path], nn.Module]
     disable: Callable[[nn.Module], ContextManager] | None
     merge: Callable[[nn.Module], nn.Module] | None

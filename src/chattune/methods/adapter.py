@@ -223,12 +223,14 @@ def _config_of(model: nn.Module) -> AdapterConfig:
     return first[1].cfg
 
 
-def save(model: nn.Module, directory: str | Path) -> None:
-    """Write ``adapter_model.safetensors`` (adapter weights only) and ``adapter_config.json``."""
+def save(model: nn.Module, directory: str | Path, state_dict: dict | None = None) -> None:
+    """Write ``adapter_model.safetensors`` (adapter weights only) and ``adapter_config.json``;
+    the weights from ``state_dict`` when given (a sharded model's gathered state)."""
     cfg = _config_of(model)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: p.detach().contiguous() for k, p in adapter_params(model).items()}
+    tensors = {k: (p if state_dict is None else state_dict[k]).detach().contiguous()
+               for k, p in adapter_params(model).items()}
     save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt", "method": "adapter"})
     (out / CONFIG_NAME).write_text(json.dumps({"method": "adapter", **dataclasses.asdict(cfg)}, indent=2) + "\n")
 

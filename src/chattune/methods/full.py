@@ -21,8 +21,8 @@ def apply_full(model, cfg: FullSettings, tokenizer=None):
     return model
 
 
-def save_full(model, directory: Path) -> None:
-    model.save_pretrained(directory, safe_serialization=True)
+def save_full(model, directory: Path, state_dict: dict | None = None) -> None:
+    model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
 
 
 def load_full(base, directory: Path):

@@ -157,8 +157,8 @@ def _text_keys_values(model, tokenizer, text: str, n: int) -> torch.Tensor:
     return torch.stack(per_layer).flatten(0, 1).permute(2, 0, 1, 3).contiguous()  # (n, L*2, H, d)
 
 
-def save_peft(model, directory: Path) -> None:
-    model.save_pretrained(directory, safe_serialization=True)
+def save_peft(model, directory: Path, state_dict: dict | None = None) -> None:
+    model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
 
 
 def load_peft(base, directory: Path):

@@ -30,6 +30,7 @@ from safetensors.torch import save as save_bytes
 
 from chattune.errors import UserError
 from chattune.files import recover_dir, write_file
+from chattune.training.shard import local_like
 
 CHECKPOINT = "checkpoint"
 PREVIOUS = "checkpoint-previous"
@@ -60,12 +61,7 @@ def _remove(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt.state_dict()
+def _optimizer_tensors(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
     tensors = {}
     scalars: dict = {}
     for idx, state in sd["state"].items():
@@ -77,17 +73,20 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: dict) -> None:
+def save_checkpoint(run_dir: Path, weights: dict[str, torch.Tensor], optimizer_state: dict, scheduler,
+                    state: dict) -> None:
     """Write a new ``run_dir/checkpoint``; the one it replaces becomes ``checkpoint-previous``.
 
-    ``state`` is JSON-able bookkeeping. Raises OSError (full disk, read-only file system)
+    ``weights`` are the full trainable parameters by name and ``optimizer_state`` the AdamW
+    ``state_dict()`` with full tensors (``training/shard.py`` gathers both when the model is
+    sharded), ``state`` is JSON-able bookkeeping. Raises OSError (full disk, read-only file system)
     with the tmp directory removed and both kept checkpoints untouched."""
     tmp = run_dir / _TMP
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        write_file(tmp / "trainable.safetensors", save_bytes(trainable_state(model)))
-        tensors, meta = _optimizer_tensors(optimizer)
+        write_file(tmp / "trainable.safetensors", save_bytes(weights))
+        tensors, meta = _optimizer_tensors(optimizer_state)
         write_file(tmp / "optimizer.safetensors", save_bytes(tensors))
         rng = {"torch_cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -212,16 +211,19 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
     meta = state.pop("optimizer")
     _check(ckpt, weights, tensors, meta if isinstance(meta, dict) else {}, model, optimizer)
     try:
+        order = [p for group in optimizer.param_groups for p in group["params"]]
         python_rng, np_state = _tuples(state.pop("python_rng")), state.pop("numpy_rng")
         np_rng = (np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:])
         opt_state: dict = {}
         for key, value in list(tensors.items()) + list(meta["scalars"].items()):
             idx, name = key.split(".", 1)
+            if torch.is_tensor(value) and value.dim():  # a sharded run keeps its shard of the full state
+                value = local_like(value, order[int(idx)])
             opt_state.setdefault(int(idx), {})[name] = value
         params = dict(model.named_parameters())
         with torch.no_grad():
             for name, value in weights.items():
-                params[name].copy_(value)
+                params[name].copy_(local_like(value, params[name]))
         optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
         scheduler.load_state_dict(state.pop("scheduler"))
         torch.set_rng_state(rng["torch_cpu"])

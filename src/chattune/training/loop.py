@@ -28,7 +28,7 @@ from transformers import get_cosine_schedule_with_warmup
 from chattune.models import attention
 from chattune import __version__
 from chattune.training import resume, rundir
-from chattune.training import runguard
+from chattune.training import runguard, shard
 from chattune.training import checkpoint as ckpt
 from chattune.config import save_yaml
 from chattune.data import batch_plan
@@ -155,9 +155,13 @@ class Trainer:
         self.dtype = autocast_dtype(cfg.train.precision, self.acc.device)
         if self.dtype is not None:
             store_frozen_weights_in(model, self.dtype)
+        self.sharded = shard.enabled(cfg.train.shard, self.acc)
+        if self.sharded:  # FSDP2 in place of DDP; before the optimiser, which must hold the shards
+            shard.check(cfg.method.name, self.acc)
+            model = shard.shard_model(model, self.acc)
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-        self.model = self.acc.prepare(model)
+        self.model = model if self.sharded else self.acc.prepare(model)
         self.plan = Plan(self.data.splits["train"], cfg.train.batch_size, self.packing,
                          cfg.data.max_length * self.objective.segments, cfg.train.seed,
                          self.acc.num_processes * cfg.train.grad_accum)
@@ -199,13 +203,16 @@ class Trainer:
                         self.tb.add_scalar(k, v, record["step"])
 
     def save(self) -> None:
+        unwrapped = self.acc.unwrap_model(self.model)
+        if self.sharded or self.acc.is_main_process:  # sharded: gathering is a collective, all take part
+            state = shard.saved_state(unwrapped) if self.sharded else None
+            weights, optim = shard.trainable_weights(unwrapped, state), shard.optimizer_state(self.optimizer)
         if self.acc.is_main_process:
-            unwrapped = self.acc.unwrap_model(self.model)
             target = rundir.adapter_dir(self.run_dir)
             try:  # a full disk ends in one line; the atomic writes keep what was there
-                atomic_dir(target, lambda d: self.method.save(unwrapped, d))
+                atomic_dir(target, lambda d: self.method.save(unwrapped, d, state))
                 target = self.run_dir / ckpt.CHECKPOINT
-                ckpt.save_checkpoint(self.run_dir, unwrapped, self.optimizer, self.scheduler, self.state)
+                ckpt.save_checkpoint(self.run_dir, weights, optim, self.scheduler, self.state)
             except (OSError, ckpt.SafetensorError) as e:
                 raise runguard.write_error(e, target, ckpt.find_checkpoint(self.run_dir)) from None
         self.saved_step = self.state["step"]
@@ -217,6 +224,7 @@ class Trainer:
             raise UserError(f"{self.run_dir} already holds a run: continue it with --resume {self.run_dir} "
                             f"or pick another --output-dir")
         self.acc.wait_for_everyone()  # every process has checked before the main one writes
+        held = self.acc.gather(torch.tensor([shard.local_numel(self.model)], device=self.acc.device))
         if self.acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_yaml(self.cfg, self.run_dir / rundir.CONFIG)
@@ -225,6 +233,7 @@ class Trainer:
                     "trainable_share": self.trainable / self.total, "packing": self.packing,
                     "precision": str(self.dtype).replace("torch.", "") if self.dtype else "float32",
                     "processes": self.acc.num_processes, "total_steps": self.total_steps,
+                    "shard": "fsdp" if self.sharded else "none", "params_per_process": held.tolist(),
                     "data": self.data.stats()}
             atomic_text(self.run_dir / rundir.INFO, json.dumps(info, indent=1))
             print(f"{self.method.name}: {self.trainable:,} trainable parameters of {self.total:,} "
@@ -274,7 +283,8 @@ class Trainer:
             raise UserError(f"loss became {float(stats[0])} at step {self.state['step'] + 1}; stopped. The last good "
                             f"checkpoint is in {self.run_dir / 'checkpoint'} (resume with a lower --lr)")
         if self.cfg.train.max_grad_norm > 0:
-            grad_norm = float(self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.train.max_grad_norm))
+            norm = self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.train.max_grad_norm)
+            grad_norm = float(shard.full(norm))  # sharded: a DTensor
         else:
             grad_norm = float("nan")
         self.optimizer.step()
@@ -289,11 +299,11 @@ class Trainer:
         if not val:
             return None
         result = None
-        if self.acc.is_main_process:
+        if self.acc.is_main_process or self.sharded:  # sharded: every forward needs every process
             result = self.objective.validate(self.acc.unwrap_model(self.model), val, self.tokenizer.pad_token_id,
                                              self.cfg.eval.batch_size, self.acc.device, self.dtype)
         self.acc.wait_for_everyone()
-        value = torch.tensor([result or 0.0], device=self.acc.device)
+        value = torch.tensor([(result or 0.0) if self.acc.is_main_process else 0.0], device=self.acc.device)
         return float(self.acc.reduce(value, reduction="sum"))
 
     # -- the loop ------------------------------------------------------------------------
