@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 TORCH_VERSION := 2.13.0
 
-.PHONY: demo test test-slow test-killanywhere bench venv clean
+.PHONY: demo test test-slow test-killanywhere bench venv clean gpu-bench
 
 venv: .venv/.installed
 
@@ -43,6 +43,11 @@ llamacpp: venv
 
 bench: venv
 	$(PY) benchmarks/throughput.py
+
+# everything a GPU should measure, one run of at most 8 minutes (docs/scaling.md): JSON lines
+# to $OUT/gpu_suite.jsonl or ./gpu_suite.jsonl; benchmarks/gpu_suite.sh --dry-run checks it on the CPU
+gpu-bench: venv
+	benchmarks/gpu_suite.sh
 
 clean:
 	rm -rf .venv build *.egg-info src/*.egg-info

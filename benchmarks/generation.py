@@ -72,12 +72,15 @@ def prompts_for(tok, n: int, max_prompt: int = 256, template: str = "seed") -> l
     return out
 
 
+DEVICE = torch.device("cpu")  # --device; the engine follows the model's device
+
+
 def load(name: str, dtype=torch.float32):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     d = _data.model_dir(name)
     tok = AutoTokenizer.from_pretrained(d)
-    model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype, attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype, attn_implementation="sdpa").eval().to(DEVICE)
     return model, tok
 
 
@@ -92,8 +95,8 @@ def hf_batched(model, tok, prompts, c: int, max_new: int) -> tuple[int, float, l
     for i in range(0, len(prompts), c):
         chunk = prompts[i:i + c]
         width = max(len(p) for p in chunk)
-        ids = torch.tensor([[eos] * (width - len(p)) + p for p in chunk])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+        ids = torch.tensor([[eos] * (width - len(p)) + p for p in chunk], device=model.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=model.device)
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
                              pad_token_id=eos, eos_token_id=eos)
         for row in out[:, width:].tolist():
@@ -241,7 +244,7 @@ def methods_single(name: str, max_new: int) -> dict:
     n = max_new
 
     def plain():
-        x = torch.tensor([prompt])
+        x = torch.tensor([prompt], device=base.device)
         with torch.no_grad():
             base.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
                           do_sample=False, pad_token_id=tok.eos_token_id)
@@ -317,6 +320,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=64, help="requests per concurrency level (at least C)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default 256 (--quick: 128)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (benchmarks/gpu_suite.sh)")
     ap.add_argument("--templates", default=None,
                     help="prompt templates, comma-separated (default: auto,seed; --quick: auto). auto is the "
                          "model's own chat template (answers end at their natural length), seed the seed's "
@@ -329,6 +333,8 @@ def main() -> None:
     ap.add_argument("--phases", action="store_true",
                     help="only one engine run of the --quick workload with its phases timed (about 1 min)")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.phases:

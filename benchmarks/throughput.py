@@ -167,7 +167,7 @@ def bench_model(name: str, directory: Path, args, work: Path, peaks: dict) -> di
 
     work.mkdir(parents=True, exist_ok=True)
     tok = AutoTokenizer.from_pretrained(directory)
-    data = select(first_pairs(args.data), tok, 4 * args.steps, args.val, args.seed)
+    data = select(first_pairs(args.data), tok, args.per_step * args.steps, args.val, args.seed)
     write_messages(work / "train.jsonl", data["train"])
     write_messages(work / "val.jsonl", data["val"])
     spec = {"model_dir": str(directory), "train_file": str(work / "train.jsonl"), "val_file": str(work / "val.jsonl"),
@@ -268,6 +268,9 @@ def parse_args(argv=None):
     p.add_argument("--data", type=Path, default=DATA, help="conversations in messages format (.jsonl)")
     p.add_argument("--quick", action="store_true", help="GPT-2 only, 3 steps, 4 validation conversations, 8 generated tokens: ~3 minutes")
     p.add_argument("--steps", type=int, help="optimiser steps per system (default 20; --quick 3)")
+    p.add_argument("--per-step", type=int, default=4,
+                   help="conversations per optimiser step, packed into one row by TRL and chattune (default 4; "
+                        "the GPU suite packs rows of 4-8k tokens); the seed recipe keeps its batches of 4")
     p.add_argument("--val", type=int, help="held-out conversations for the validation loss (default 48; --quick 4)")
     p.add_argument("--gen-tokens", type=int, help="new tokens per generation timing; 0 skips it (default 32; --quick 8)")
     p.add_argument("--gpu", action="store_true", help="run on CUDA (the seed then uses fp16, as its notebook did)")
