@@ -6,8 +6,9 @@ import argparse
 import json
 
 import pytest
+from transformers import GPT2TokenizerFast
 
-from chattune.data import command
+from chattune.data import DataConfig, command, prepare
 from chattune.errors import UserError
 
 
@@ -78,7 +79,12 @@ def test_bare_gpt2_files(tmp_path, capsys):
     (tmp_path / "vocab.json").write_text(json.dumps(vocab))
     (tmp_path / "merges.txt").write_text("#version: 0.2\n")
     out = run_json(["--tokenizer", str(tmp_path), "--max-rows", "5"], capsys)
-    assert out["tokens"]["train"]["tokens"] > 0
+    # the counts are those of the tokenizer in those files, as training would see them
+    files = GPT2TokenizerFast(vocab=str(tmp_path / "vocab.json"), merges=str(tmp_path / "merges.txt"))
+    direct = prepare(DataConfig(max_rows=5), files).stats()
+    assert direct["train"]["tokens"] > 0 and direct["train"]["loss_tokens"] > 0
+    assert {k: out["tokens"]["train"][k] for k in ("samples", "tokens", "loss_tokens")} == \
+        {k: direct["train"][k] for k in ("samples", "tokens", "loss_tokens")}
 
 
 def test_shared_arena_conversations(shared_data, capsys):
