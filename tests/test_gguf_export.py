@@ -202,7 +202,7 @@ def test_unsupported_architecture_and_tokenizer_are_named():
     with pytest.raises(UserError, match="supports gpt2, llama, mistral"):
         gguf_arch(OPTConfig())
     tok = make_tokenizer()
-    assert pre_tokenizer_name(tok) == "gpt2"
+    assert pre_tokenizer_name(tok) == "gpt-2"  # llama.cpp's name (llama-vocab.cpp)
     spec = json.loads(tok.backend_tokenizer.to_str())
     spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
         {"type": "Digits", "individual_digits": True}, dict(spec["pre_tokenizer"])]}

@@ -45,7 +45,7 @@ def pre_tokenizer_name(tokenizer) -> str:
     kinds = [s.get("type") for s in steps]
     byte_level = spec["model"]["type"] == "BPE" and (spec.get("decoder") or {}).get("type") == "ByteLevel"
     if byte_level and kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     if byte_level and kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex"):
         return "smollm"
     if (byte_level and kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex")
