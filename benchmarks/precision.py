@@ -45,7 +45,7 @@ def val_loss_fp32(run_dir: str, samples: int) -> tuple[float, int]:
     import torch
 
     from chattune.data import prepare
-    from chattune.evaluate import loss_on_samples
+    from chattune.training.passes import loss_on_samples
     from chattune.generate.loaded import load_run
 
     run = load_run(run_dir)

@@ -94,7 +94,7 @@ def test_base_row_is_computed_once_with_the_method_off(compared, tiny_dirs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from chattune.data import prepare
-    from chattune.evaluate import loss_on_samples
+    from chattune.training.passes import loss_on_samples
     from chattune.generate.loaded import load_run
 
     out, base = compared["out"], compared["results"]["base"]

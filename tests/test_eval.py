@@ -76,10 +76,18 @@ def test_training_formats_are_read_as_prompts():
     assert len(picked) == 2 and picked == [i for i in ids if i in picked]  # file order kept
 
 
-def test_selection_is_stable_and_spread():
-    a = read_questions(str(ARENA_HARD)).select(2)
-    b = read_questions(str(ARENA_HARD)).select(2)
-    assert [q.id for q in a.questions] == [q.id for q in b.questions] and len(a.questions) == 2
+def test_selection_is_stable_and_spread(tmp_path):
+    """A file sorted by topic still gives a spread of topics: the pick follows a hash of the
+    ids, not their place in the file, and keeps file order."""
+    rows = [{"id": f"{topic}-{i}", "category": "arena-hard-v0.1", "cluster": topic, "prompt": f"{topic} question {i}?",
+             "answers": {"gpt-4-0314": "an answer"}} for topic in ("music", "code", "maths", "history") for i in range(10)]
+    for name, ordered in (("sorted", rows), ("reversed", rows[::-1])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ordered))
+    picked = [[q.id for q in read_questions(str(tmp_path / f"{name}.jsonl")).select(8).questions]
+              for name in ("sorted", "sorted", "reversed")]
+    assert picked[0] == picked[1] and len(picked[0]) == 8  # stable
+    assert len({i.split("-")[0] for i in picked[0]}) >= 3  # the head of the sorted file is one topic
+    assert picked[2] == picked[0][::-1]  # the same questions whatever their place, in file order
 
 
 # -- metrics --------------------------------------------------------------------------------------

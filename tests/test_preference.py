@@ -18,7 +18,8 @@ from chattune.cli import main
 from chattune.data import DataConfig, batch_plan
 from chattune.data.pairs import prepare_pairs, split_pair
 from chattune.methods import all_methods, get_method
-from chattune.training.objectives import Preference, collate_pairs, pair_logps
+from chattune.training.objectives import OBJECTIVES, collate_pairs
+from chattune.training.passes import pair_logps
 from conftest import build_model
 from test_train import _cli, metrics
 from tiny import kill_after_checkpoint, tiny_dirs  # noqa: F401  (fixture)
@@ -39,7 +40,7 @@ def test_loss_formulas_follow_the_papers():
     sp = F.softplus  # -log sigmoid(h) == softplus(-h)
 
     def loss(name, **kw):
-        return float(Preference(name, **kw).pair_losses(logps, ref, lengths)[0][0])
+        return float(OBJECTIVES[name](**kw).pair_losses(logps, ref, lengths)[0][0])
 
     h = 0.1 * ((-10 + 11) - (-12 + 11))  # DPO: beta * log-ratio difference = 0.2
     assert loss("dpo") == pytest.approx(float(sp(torch.tensor(-h))), rel=1e-6)
@@ -51,7 +52,7 @@ def test_loss_formulas_follow_the_papers():
     odds = [m - math.log(1 - math.exp(m)) for m in (-5.0, -3.0)]
     assert loss("orpo") == pytest.approx(5.0 + 0.1 * float(sp(torch.tensor(-(odds[0] - odds[1])))), rel=1e-6)
     assert loss("dpo", sft_weight=0.5) == pytest.approx(loss("dpo") + 0.5 * 5.0, rel=1e-6)
-    zero = Preference("dpo", label_smoothing=0.2).pair_losses(ref, ref, lengths)[0]
+    zero = OBJECTIVES["dpo"](label_smoothing=0.2).pair_losses(ref, ref, lengths)[0]
     assert float(zero[0]) == pytest.approx(LN2, abs=1e-7)  # robust DPO is ln 2 at a zero margin too
 
 
@@ -216,12 +217,12 @@ def test_sigterm_during_the_reference_pass_stops_it_and_resume_recomputes_it(tin
     import os
     import signal
 
-    import chattune.training.objectives as objectives
+    import chattune.training.reference as reference
 
     common = ["--objective", "dpo", "--max-steps", "3", "--lr", "3e-3", "--batch-size", "1", "--no-packing"]
     straight = tmp_path / "straight"
     assert main(pref_args(tiny_dirs["gpt2"], straight, *common)) == 0
-    real, calls = objectives.pair_logps, []
+    real, calls = reference.pair_logps, []
 
     def signalled(*a, **kw):  # the reference pass is the first caller: a SIGTERM arrives during it
         calls.append(1)
@@ -229,13 +230,13 @@ def test_sigterm_during_the_reference_pass_stops_it_and_resume_recomputes_it(tin
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*a, **kw)
 
-    monkeypatch.setattr(objectives, "pair_logps", signalled)
+    monkeypatch.setattr(reference, "pair_logps", signalled)
     run = tmp_path / "run"
     assert main(pref_args(tiny_dirs["gpt2"], run, *common)) == 143
     assert len(calls) == 1  # stopped at the next batch, not after the whole pass
     assert "interrupted at step 0; continue with: chattune train --resume" in capsys.readouterr().err
     assert not (run / "reference_logps.safetensors").exists()
-    monkeypatch.setattr(objectives, "pair_logps", real)
+    monkeypatch.setattr(reference, "pair_logps", real)
     assert main(["train", "--resume", str(run)]) == 0
     a, b = load_file(straight / "reference_logps.safetensors"), load_file(run / "reference_logps.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

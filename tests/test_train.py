@@ -140,7 +140,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_checkpoint(tiny_dirs, tmp_path, 
 
 def test_eval_base_numbers_equal_untouched_base(tiny_dirs, tmp_path, capsys):
     from chattune.data import prepare
-    from chattune.evaluate import loss_on_samples
+    from chattune.training.passes import loss_on_samples
     from chattune.generate.loaded import load_run
     from transformers import AutoModelForCausalLM
 

@@ -72,7 +72,7 @@ def _evaluate(run_dir: Path, with_base: bool) -> tuple[dict, dict | None]:
 def _base_validation(run) -> dict | None:
     """The base model's loss on the validation samples that every run's validation passes use."""
     from chattune.data import prepare
-    from chattune.evaluate import loss_on_samples
+    from chattune.training.passes import loss_on_samples
     from chattune.models.loading import autocast_dtype
 
     cfg = run.cfg

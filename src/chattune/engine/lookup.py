@@ -7,8 +7,9 @@ model then checks the draft in one forward over all its tokens, and every draft 
 that equals what the engine would have chosen anyway is kept (``Engine._decode``).
 Answers copy from their prompts (code, names, lists) and repeat themselves, so drafts
 are often right. On a CPU a forward of one row is bound by reading the weights, not by
-its tokens (SmolLM2-135M: 59 ms for 1 token, 68 ms for 4, 82 ms for 8), so a step that
-keeps two tokens costs little more than one that keeps one.
+its tokens (a forward of 4 or 8 tokens costs little more than one of 1:
+benchmarks/decode_rows.py measures it), so a step that keeps two tokens costs little more
+than one that keeps one.
 
 Written here rather than with transformers' ``PromptLookupCandidateGenerator``: that one
 plugs into ``generate`` (one batch, one sampling setting) and rescans the whole sequence
@@ -20,17 +21,15 @@ from __future__ import annotations
 NGRAM = 3  # longest suffix looked up; shorter ones are tried when it is not found
 DRAFT_TOKENS = 8  # the most a row proposes in one step
 # Whether a row drafts, and how much, follows its recent draft tokens. A drafted token
-# costs a row of the step's matmuls whether kept or not: at one row a forward of 5 tokens
-# costs ~1.15x one of 1, in a step of 32 rows each drafted token ~2 ms against ~7 ms for
-# a row's whole step (benchmarks/decode_rows.py). Kept tokens come in runs (a copied
+# costs a row of the step's matmuls whether kept or not: cheap at one row, a real share of
+# a row's whole step at 32 rows (benchmarks/decode_rows.py). Kept tokens come in runs (a copied
 # passage, a loop): a row sends twice its last run plus one (at least MIN_DRAFT), so a
 # looping row soon checks DRAFT_TOKENS a step and a row whose drafts fail sends few.
-# Sampled rows keep few (the repetition penalty works against repeating the history): 6%
-# of drafts on SmolLM2 with the shipped sampling against 29-39% greedy
+# Sampled rows keep few (the repetition penalty works against repeating the history): far
+# fewer drafts are kept under the shipped sampling than greedy
 # (benchmarks/generation.py --drafts); below KEEP_RATE a row only probes now and then.
-# Replayed on the 400 answers of an Arena-Hard eval (benchmarks/draft_replay.py), this
-# policy takes 79,847 row steps feeding 168,553 tokens for 137,495 answer tokens: greedy
-# rows 0.34-0.37 steps a token, sampled ones 0.91-0.95.
+# benchmarks/draft_replay.py replays an eval's answers through this policy: the steps and
+# fed tokens it takes per answer token, greedy and sampled.
 KEEP_RATE = 0.3
 MIN_DRAFT = 2
 PROBE_EVERY = 8  # steps between two probes of a row below KEEP_RATE

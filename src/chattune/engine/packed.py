@@ -3,8 +3,8 @@
 With its weight stored row-major, ``F.linear`` runs MKL's generic GEMM on every call.
 oneDNN's linear on a weight reordered once into its blocked layout (what torch.compile's
 CPU freezing pass does, ``mkldnn._linear_pointwise``) does the same work faster at the
-few rows of a decode step: on SmolLM2-135M at 16 rows a whole step ran 133 -> 98 ms, and
-the 49,152 x 576 vocabulary projection alone 29.6 -> 10.6 ms (benchmarks/decode_rows.py).
+few rows of a decode step, the vocabulary projection most of all (benchmarks/decode_rows.py
+measures both, packed against plain).
 transformers and PEFT have no inference-time switch for it, so the engine swaps the
 ``forward`` of each plain ``nn.Linear`` (and GPT-2's ``Conv1D``, a linear with its weight
 stored transposed) for the duration of its own forwards. PEFT's

@@ -8,7 +8,6 @@ than pulling in ``rouge-score`` and its NLTK dependency. The bootstrap resamples
 
 from __future__ import annotations
 
-import math
 import statistics
 
 import numpy as np
@@ -20,42 +19,6 @@ from chattune.data.textstats import repeated_ngram_rate  # noqa: F401 (re-export
 
 LOOP = 0.2  # seq-rep-4 above this reads as a loop (Welleck et al. 2020 report ~0.4-0.6 for greedy GPT-2)
 RESAMPLES = 1000
-
-
-@torch.no_grad()
-def loss_on_samples(model, samples: list[dict], pad_id: int, batch_size: int, device, dtype=None) -> dict:
-    """Mean CE and perplexity over answer tokens (``loss``) and over all tokens (``all_loss``);
-    ``per_sample``: each sample's summed answer-token loss and its token count, in order."""
-    model.eval()
-    sums = {"loss": 0.0, "n": 0, "all_loss": 0.0, "all_n": 0}
-    per_sample = [[0.0, 0] for _ in samples]
-    order = sorted(range(len(samples)), key=lambda i: len(samples[i]["input_ids"]))  # less padding
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        batch = collate([samples[i] for i in chunk], pad_id, packing=False)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        # all-token targets: every real token but the first, as the seed measured (prompt included)
-        ids = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
-        ids[:, 0] = IGNORE_INDEX
-        # one forward for both: answer positions are a subset of the all-token positions
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            losses, keep = token_losses(model, batch, shift_targets(ids))  # (N,), (B, T)
-        answer = (shift_targets(batch["labels"]) != IGNORE_INDEX)[keep]  # (N,)
-        rows = keep.nonzero()[:, 0][answer]  # (n,) the sample of each answer token
-        row_sums = torch.zeros(len(chunk), device=losses.device).index_add_(0, rows, losses[answer].float())
-        row_counts = torch.bincount(rows, minlength=len(chunk))
-        for j, i in enumerate(chunk):
-            per_sample[i] = [float(row_sums[j]), int(row_counts[j])]
-        sums["loss"] += float(losses[answer].sum())
-        sums["n"] += int(answer.sum())
-        sums["all_loss"] += float(losses.sum())
-        sums["all_n"] += int(keep.sum())
-    out = {"loss": sums["loss"] / max(sums["n"], 1), "all_loss": sums["all_loss"] / max(sums["all_n"], 1),
-           "loss_tokens": sums["n"], "all_tokens": sums["all_n"]}
-    out["ppl"] = math.exp(min(out["loss"], 50))
-    out["all_ppl"] = math.exp(min(out["all_loss"], 50))
-    out["per_sample"] = per_sample
-    return out
 
 
 # -- text metrics ------------------------------------------------------------------------

@@ -20,7 +20,8 @@ import torch
 
 from chattune.data.pairs import prepare_pairs
 from chattune.errors import UserError
-from chattune.training.objectives import get_objective, pair_logps
+from chattune.training.objectives import get_objective
+from chattune.training.passes import pair_logps, passes
 from chattune.training.reference import load_reference
 
 RESAMPLES = 1000
@@ -38,17 +39,10 @@ def wins_of(margin: torch.Tensor) -> torch.Tensor:
     return (margin > 0).double() + 0.5 * (margin == 0).double()
 
 
-@torch.no_grad()
 def policy_logps(model, objective, samples, pad_id, batch_size, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    model.eval()
-    logps, lengths = [], []
-    for start in range(0, len(samples), batch_size):
-        batch = objective.collate(samples[start:start + batch_size], pad_id, packing=False)
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            lp, n = pair_logps(model, batch)
-        logps.append(lp.cpu())
-        lengths.append(n.cpu())
+    batches = (objective.collate(samples[start:start + batch_size], pad_id, packing=False)
+               for start in range(0, len(samples), batch_size))
+    logps, lengths = zip(*((lp.cpu(), n.cpu()) for lp, n in passes(model, batches, device, dtype, pair_logps)))
     return torch.cat(logps), torch.cat(lengths)  # (n, 2) each
 
 

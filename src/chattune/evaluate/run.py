@@ -18,7 +18,8 @@ from chattune.data import prepare, tokenize_conversation
 from chattune.data.questions import QuestionSet, question_of, read_questions
 from chattune.engine import DEFAULTS, GREEDY, PromptTooLong
 from chattune.errors import UserError
-from chattune.evaluate.metrics import answer_metrics, loss_interval, loss_on_samples, paired_stops, reference_metrics
+from chattune.evaluate.metrics import answer_metrics, loss_interval, paired_stops, reference_metrics
+from chattune.training.passes import loss_on_samples
 
 # The headline is what users get (chat's shipped sampling, seeded per prompt); greedy is a
 # diagnostic: it shows loops the sampling hides.
@@ -75,9 +76,10 @@ def evaluate_run(run, split: str = "test", *, prompts: str | None = None, fmt: s
     result.update(_metrics(run, qs, answers, samples, models, decodings))
     if pairs is not None:
         result["pairs"] = pairs
-    result["answers"] = answers
+    # token ids served the metrics; the result (answers.jsonl, result.json) keeps the text
+    result["answers"] = [{k: v for k, v in r.items() if k != "token_ids"} for r in answers]
     if judge is not None and include_base:
-        result["judge"] = judge.compare(qs, answers, result["settings"]["headline"])
+        result["judge"] = judge.compare(qs, result["answers"], result["settings"]["headline"])
     return result
 
 
@@ -190,8 +192,6 @@ def _metrics(run, qs: QuestionSet, answers: list[dict], samples: list[dict], mod
         out["reference"] = reference_metrics(ref_tokens)
     if "base" in models:
         out["paired"] = {d: paired_stops(rows[("tuned", d)], rows[("base", d)]) for d in decodings}
-    for r in answers:
-        del r["token_ids"]
     return out
 
 

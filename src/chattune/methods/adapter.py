@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from chattune.config import field, from_dict
 from chattune.errors import UserError
-from chattune.methods import Method, register
+from chattune.methods.method import Method, register
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"

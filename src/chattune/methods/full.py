@@ -7,7 +7,7 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM
 
-from chattune.methods import Method, register
+from chattune.methods.method import Method, register
 
 
 @dataclass

@@ -19,7 +19,7 @@ from peft import (IA3Config, LoraConfig, PeftModel, PrefixTuningConfig, PromptTu
 
 from chattune.config import field
 from chattune.errors import UserError
-from chattune.methods import Method, register
+from chattune.methods.method import Method, register
 from chattune.models.loading import default_targets
 
 
@@ -174,8 +174,8 @@ def route_lora(model, adapters: list[str | None]):
     """One forward in which row i runs LoRA adapter ``adapters[i]`` (None: the base).
 
     PEFT's own mixed batches (``adapter_names``) register a hook in every LoRA layer at
-    every call and, in each layer, gather and scatter each adapter's rows: ~10% of an
-    Arena-Hard eval step (py-spy), for matmuls of rank 8. Here each LoRA layer's scaling
+    every call and, in each layer, gather and scatter each adapter's rows: a visible share of
+    an eval step for matmuls of rank 8 (benchmarks/eval_phases.py). Here each LoRA layer's scaling
     becomes a (B, 1, 1) tensor, the adapter's scale on its own rows and 0 on the others,
     and PEFT's ordinary forward adds ``lora_B(lora_A(x)) * scaling`` to every row: the
     adapter's term on its rows, exactly nothing on the others. The small matmuls run on
@@ -219,7 +219,8 @@ def merge_peft(model):
 
 
 def cache_dora_norms(model) -> None:
-    """DoRA re-computes ||W + BA|| for every layer at every forward (0.46x plain decoding).
+    """DoRA re-computes ||W + BA|| for every layer at every forward (benchmarks/generation.py
+    measures what that costs a decode step).
     PEFT can cache it in eval mode (``ENABLE_DORA_CACHING``); the cache is cleared by the
     next forward in train mode, so training never reads a stale norm."""
     from peft.tuners.lora import dora

@@ -6,7 +6,7 @@ starts, ``position_ids`` restart at 0 in each. With flash-attention (CUDA) trans
 reads those kwargs natively. torch's sdpa has no varlen kernel, and a block-diagonal T x T
 mask makes its CPU kernel compute every masked-out block too: with four conversations a
 row, ~8x the attention work of causal attention per conversation, and a (T, T) mask in
-memory (benchmarks/README.md profiles it: 23% of a LoRA step). So this module registers an
+memory (benchmarks/profile_step.py measures its share of a LoRA step). So this module registers an
 attention function, ``chattune_sdpa``, with transformers' ``AttentionInterface``: given
 ``cu_seq_lens_q`` it runs causal sdpa on each conversation's slice of the row (a short
 Python loop per layer; its kernel skips the upper triangle), otherwise it is transformers'
@@ -28,8 +28,8 @@ The decoding engine's steps (one query token per row) run through the same funct
   rows; rows end apart once some keep drafts), attention runs one sdpa per run over that
   run's positions only, masking what padding is left. One call per row would skip all
   padding, but a call costs its overhead, and one row alone gives torch's CPU kernel only
-  its Hkv heads to share among the cores (3 heads on 2 cores: ~1.4x the time per
-  position of rows in a batch); ``plan_runs`` weighs the padding a run reads against the
+  its Hkv heads to share among the cores (3 heads on 2 cores leave one core idle part of
+  the time; benchmarks/decode_rows.py --ragged); ``plan_runs`` weighs the padding a run reads against the
   calls it saves.
 - Drafts checked in the batch: a row may feed several tokens (its next and the ones it
   guesses, ``engine/lookup.py``). The step's tokens are then a flat batch of one token
@@ -128,9 +128,8 @@ def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         raise ValueError(f"cu_seq_lens_q {bounds[0]}..{bounds[-1]} does not cover the row of {query.shape[2]} tokens")
     dtype = value.dtype  # under autocast RoPE leaves query and key in float32, value in bfloat16
     if query.device.type == "cpu":
-        # torch's CPU flash kernel, forward + backward at 9 heads x 64, runs float32 2.4-3.4x
-        # faster than bfloat16 at 64-150 tokens, as fast at 300, 7% slower at 600
-        # (benchmarks/kernels.py); conversations are mostly 100-300 tokens, and float32 is
+        # torch's CPU flash kernel, forward + backward, runs float32 faster than bfloat16 at
+        # the 100-300 tokens most conversations have (benchmarks/kernels.py), and float32 is
         # the more exact of the two.
         query, key, value = query.float(), key.float(), value.float()
     with torch.autocast(query.device.type, enabled=False):

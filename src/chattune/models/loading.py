@@ -165,9 +165,9 @@ def default_targets(model_type: str) -> list[str]:
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """bfloat16 autocast where the hardware has it: CPUs with bf16 matrix instructions
-    (AVX512-BF16/AMX, where bf16 matmuls measured 2.2-2.4x fp32, benchmarks/README.md) and
-    Ampere+ GPUs. ``auto`` stays float32 elsewhere: on an AVX2-only CPU oneDNN emulates
-    bf16 and a matmul measured 100x slower than fp32. ``bf16`` forces it."""
+    (AVX512-BF16/AMX, where bf16 matmuls run about twice as fast as fp32:
+    benchmarks/matmul_peak.py) and Ampere+ GPUs. ``auto`` stays float32 elsewhere: on an
+    AVX2-only CPU oneDNN emulates bf16, many times slower than fp32. ``bf16`` forces it."""
     if precision == "fp32":
         return None
     if device.type == "cuda":

@@ -27,7 +27,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from chattune.models import attention
 from chattune import __version__
-from chattune.training import resume, rundir
+from chattune.training import reference, resume, rundir
 from chattune.training import runguard, shard
 from chattune.training import checkpoint as ckpt
 from chattune.config import save_yaml
@@ -40,6 +40,7 @@ from chattune.methods import count_parameters, get_method
 from chattune.models.loading import autocast_dtype, load_tokenizer
 from chattune.training.neftune import add_neftune
 from chattune.training.objectives import MetricWindow, get_objective
+from chattune.training.passes import autocast, to_device
 from chattune.training.settings import RunConfig
 
 
@@ -47,7 +48,7 @@ def store_frozen_weights_in(model, dtype: torch.dtype) -> int:
     """Store frozen weights that only enter matrix products (``nn.Linear``, GPT-2's ``Conv1D``)
     in the autocast dtype; returns how many. Autocast casts them to ``dtype`` at every use
     anyway, and caches casts only for weights that require grad, so a frozen fp32 weight is
-    re-cast in every forward (~10% of a LoRA step on CPU, benchmarks/README.md). Stored in
+    re-cast in every forward (benchmarks/levers.py measures the cost). Stored in
     ``dtype``, the arithmetic is the same and the casts are gone. A frozen LM head tied to
     the input embedding gets its own copy in ``dtype`` (the embedding lookup is not
     autocast, so the shared weight stays as it is); DoRA's base weights are left alone
@@ -58,7 +59,7 @@ def store_frozen_weights_in(model, dtype: torch.dtype) -> int:
     head = unwrap(model).get_output_embeddings()
     n = 0
     if isinstance(head, torch.nn.Linear) and id(head.weight) in keep and not head.weight.requires_grad:
-        # (V, C): +V*C*2 bytes, instead of a (V, C) cast at every step (~4% of a LoRA step on SmolLM2)
+        # (V, C): +V*C*2 bytes, instead of a (V, C) cast at every step
         head.weight = torch.nn.Parameter(head.weight.detach().to(dtype), requires_grad=False)
         n += 1
     for m in model.modules():
@@ -244,9 +245,29 @@ class Trainer:
                 except ImportError:
                     raise UserError("train.tensorboard needs the tensorboard package: pip install 'chattune[tensorboard]'") from None
                 self.tb = SummaryWriter(self.run_dir / "tb")
-        self.objective.start(self)  # preferences: reference log-probs of the starting policy, before any resume
+        # preferences: reference log-probs of the starting policy, before any resume
+        self.objective.start(self.model, self.attach_reference)
         if self.resume:
-            resume.restore_into(self)
+            state = resume.resume_from_checkpoint(self.run_dir, self.acc.unwrap_model(self.model), self.optimizer,
+                                                  self.scheduler, self.acc, self.total_steps)
+            if state is not None:
+                self.state, self.saved_step = {**self.state, **state}, state["step"]
+
+    def attach_reference(self) -> None:
+        cfg = self.cfg
+        layout = reference.Layout(self.tokenizer.pad_token_id, cfg.train.batch_size, self.dtype, self.packing,
+                                  self.flat, cfg.data.max_length)
+        reference.attach_reference(self.acc.unwrap_model(self.model), self.objective, cfg, self.data.splits,
+                                   self.run_dir, layout, self.acc, self.stop_if_interrupted, self.log)
+
+    def stop_if_interrupted(self) -> None:
+        """At a step boundary, after a signal: checkpoint this step (once) and raise Interrupted."""
+        signum = runguard.interrupt_signal(self.interrupts, self.acc)
+        if signum is None:
+            return
+        if self.saved_step != self.state["step"]:
+            self.save()
+        raise runguard.Interrupted(self.state["step"], signum, self.run_dir)
 
     # -- one optimiser step ---------------------------------------------------------
     def step(self, group: list[list[int]]) -> tuple[float, int, int]:
@@ -268,10 +289,9 @@ class Trainer:
         loss_sum, metric_sums = 0.0, torch.zeros(len(self.objective.metrics), dtype=torch.float64)
         self.model.train()
         for i, batch in enumerate(mine):
-            batch = {k: v.to(self.acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = to_device(batch, self.acc.device)
             sync = self.acc.no_sync(self.model) if i < len(mine) - 1 else contextlib.nullcontext()
-            with sync, torch.autocast(self.acc.device.type, dtype=self.dtype or torch.float32,
-                                      enabled=self.dtype is not None):
+            with sync, autocast(self.acc.device, self.dtype):
                 loss, metrics = self.objective.loss(self.model, batch, full_logits=self.cfg.train.loss_logits == "full")
                 self.acc.backward(loss * scale)
             loss_sum += float(loss.detach()) if scale else 0.0
@@ -325,7 +345,7 @@ class Trainer:
         epoch_cache: dict[int, list] = {}
         last_loss, stopped_early = None, False
         while step < self.total_steps:
-            runguard.stop_if_interrupted(self)
+            self.stop_if_interrupted()
             epoch, pos = divmod(step, self.steps_per_epoch)
             if epoch not in epoch_cache:
                 epoch_cache = {epoch: self.plan.epoch(epoch)}

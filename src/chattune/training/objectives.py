@@ -33,17 +33,21 @@ import torch.nn.functional as F
 
 from chattune.data import IGNORE_INDEX, collate, prepare
 from chattune.data.pairs import prepare_pairs, split_pair
-from chattune.evaluate import loss_on_samples
-from chattune.training.loss import answer_logits, cross_entropy, shift_targets, token_loss_sum, token_losses
+from chattune.training.loss import answer_logits, cross_entropy, shift_targets, token_loss_sum
+from chattune.training.passes import loss_on_samples, pair_logps, passes
 from chattune.training.unlikelihood import answer_runs, unlikelihood_sum
 
-PREFERENCE = ("dpo", "ipo", "simpo", "orpo")
-DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "simpo": 2.0, "orpo": 0.1}
+OBJECTIVES: dict[str, type[SFT]] = {}  # train.objective -> its class, filled by @register
 METRICS = ("reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected", "logp_chosen", "logp_rejected",
            "length_chosen", "length_rejected")
-EXTRA_KEYS = ("segment_ids", "pairs", "ref_logps")  # batch entries the model must not see
 
 
+def register(cls):
+    OBJECTIVES[cls.name] = cls
+    return cls
+
+
+@register
 class SFT:
     """Next-token cross-entropy on the answer tokens, averaged over all of them; with
     ``unlikelihood_alpha`` > 0, plus that times the token-level unlikelihood term against
@@ -58,6 +62,10 @@ class SFT:
         self.unlikelihood_alpha = unlikelihood_alpha
         if unlikelihood_alpha > 0:
             self.metrics = ("token_ce", "unlikelihood")  # per answer token, logged beside the total
+
+    @classmethod
+    def from_settings(cls, t) -> SFT:
+        return cls(t.unlikelihood_alpha)
 
     def prepare(self, data_cfg, tokenizer):
         return prepare(data_cfg, tokenizer)
@@ -82,22 +90,27 @@ class SFT:
     def validate(self, model, samples, pad_id, batch_size, device, dtype=None) -> float:
         return loss_on_samples(model, samples, pad_id, batch_size, device, dtype)["loss"]
 
-    def start(self, trainer) -> None:
-        pass
+    def start(self, model, attach_reference) -> None:
+        """Called once before the first step with the (unwrapped) model and a function that gives
+        every pair its reference log-probs; SFT needs neither."""
 
 
 class Preference(SFT):
-    """DPO, IPO, SimPO or ORPO over (chosen, rejected) pairs."""
+    """A loss over (chosen, rejected) pairs; each objective below says how in ``losses``."""
 
     segments = 2
     metrics = METRICS
+    default_beta = 0.1
 
-    def __init__(self, name: str, beta: float | None = None, label_smoothing: float = 0.0, simpo_gamma: float = 1.0,
+    def __init__(self, beta: float | None = None, label_smoothing: float = 0.0, simpo_gamma: float = 1.0,
                  orpo_alpha: float = 0.1, sft_weight: float = 0.0):
-        self.name, self.label_smoothing, self.gamma = name, label_smoothing, simpo_gamma
-        self.beta = DEFAULT_BETA[name] if beta is None else beta
+        self.label_smoothing, self.gamma = label_smoothing, simpo_gamma
+        self.beta = self.default_beta if beta is None else beta
         self.alpha, self.sft_weight = orpo_alpha, sft_weight
-        self.needs_reference = name in ("dpo", "ipo")
+
+    @classmethod
+    def from_settings(cls, t) -> Preference:
+        return cls(t.beta, t.label_smoothing, t.simpo_gamma, t.orpo_alpha, t.sft_weight)
 
     def prepare(self, data_cfg, tokenizer):
         return prepare_pairs(data_cfg, tokenizer)
@@ -120,44 +133,64 @@ class Preference(SFT):
     def pair_losses(self, logps: torch.Tensor, ref: torch.Tensor | None, lengths: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-pair losses (P,) and implicit rewards (P, 2) from log-prob sums (P, 2)."""
+        if self.needs_reference and ref is None:
+            raise RuntimeError(f"{self.name} needs the reference log-probs (Preference.start)")
         mean = logps / lengths  # (P, 2) per-token log-likelihood
-        if self.name in ("dpo", "ipo"):
-            if ref is None:
-                raise RuntimeError(f"{self.name} needs the reference log-probs (Preference.start)")
-            ratios = logps - ref.to(logps)  # (P, 2)
-            rewards = self.beta * ratios
-            if self.name == "dpo":
-                losses = robust_sigmoid_loss(self.beta * (ratios[:, 0] - ratios[:, 1]), self.label_smoothing)
-            else:
-                per_token = ratios / lengths
-                losses = (per_token[:, 0] - per_token[:, 1] - 1 / (2 * self.beta)) ** 2
-        elif self.name == "simpo":
-            rewards = self.beta * mean
-            losses = robust_sigmoid_loss(rewards[:, 0] - rewards[:, 1] - self.gamma, self.label_smoothing)
-        else:  # orpo: log odds = log p - log(1 - p), p the per-token mean likelihood
-            log_odds = mean - torch.log(-torch.expm1(mean.clamp(max=-1e-6)))  # (P, 2)
-            losses = -mean[:, 0] - self.alpha * F.logsigmoid(log_odds[:, 0] - log_odds[:, 1])
-            rewards = self.beta * mean
+        losses, rewards = self.losses(logps, None if ref is None else ref.to(logps), lengths, mean)
         if self.sft_weight:
             losses = losses - self.sft_weight * mean[:, 0]
         return losses, rewards
 
-    @torch.no_grad()
+    def losses(self, logps, ref, lengths, mean) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError  # each registered preference objective defines its loss
+
     def validate(self, model, samples, pad_id, batch_size, device, dtype=None) -> float:
-        model.eval()
-        total = 0.0
-        for start in range(0, len(samples), batch_size):
-            batch = self.collate(samples[start:start + batch_size], pad_id, packing=False)
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                total += float(self.loss(model, batch)[0])
+        batches = (self.collate(samples[start:start + batch_size], pad_id, packing=False)
+                   for start in range(0, len(samples), batch_size))
+        total = sum(float(loss) for loss, _ in passes(model, batches, device, dtype, self.loss))
         return total / max(len(samples), 1)
 
-    def start(self, trainer) -> None:
-        from chattune.training.reference import attach_reference
+    def start(self, model, attach_reference) -> None:
+        disable_dropout(model)
+        attach_reference()
 
-        disable_dropout(trainer.model)
-        attach_reference(trainer)
+
+@register
+class DPO(Preference):
+    name, needs_reference = "dpo", True
+
+    def losses(self, logps, ref, lengths, mean):
+        ratios = logps - ref  # (P, 2)
+        return robust_sigmoid_loss(self.beta * (ratios[:, 0] - ratios[:, 1]), self.label_smoothing), self.beta * ratios
+
+
+@register
+class IPO(Preference):
+    name, needs_reference = "ipo", True
+
+    def losses(self, logps, ref, lengths, mean):
+        ratios = logps - ref  # (P, 2)
+        per_token = ratios / lengths
+        return (per_token[:, 0] - per_token[:, 1] - 1 / (2 * self.beta)) ** 2, self.beta * ratios
+
+
+@register
+class SimPO(Preference):
+    name, default_beta = "simpo", 2.0
+
+    def losses(self, logps, ref, lengths, mean):
+        rewards = self.beta * mean
+        return robust_sigmoid_loss(rewards[:, 0] - rewards[:, 1] - self.gamma, self.label_smoothing), rewards
+
+
+@register
+class ORPO(Preference):
+    name = "orpo"
+
+    def losses(self, logps, ref, lengths, mean):
+        # log odds = log p - log(1 - p), p the per-token mean likelihood
+        log_odds = mean - torch.log(-torch.expm1(mean.clamp(max=-1e-6)))  # (P, 2)
+        return -mean[:, 0] - self.alpha * F.logsigmoid(log_odds[:, 0] - log_odds[:, 1]), self.beta * mean
 
 
 def robust_sigmoid_loss(h: torch.Tensor, eps: float) -> torch.Tensor:
@@ -199,27 +232,9 @@ def collate_pairs(samples: list[dict], pad_id: int, *, packing: bool, bins=None,
     return batch
 
 
-def pair_logps(model, batch: dict, full_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed answer log-probs (P, 2) float32 (chosen, rejected) and answer lengths (P, 2)."""
-    inputs = {k: v for k, v in batch.items() if k not in EXTRA_KEYS}
-    targets = shift_targets(inputs["labels"])  # (B, T)
-    ce, keep = token_losses(model, inputs, targets, full_logits)  # (N,), (B, T)
-    # Position t predicts t + 1; a segment's first label is always ignored, so the target of a
-    # kept position lies in the position's own segment.
-    seg = batch["segment_ids"][keep]  # (N,)
-    n = 2 * batch["pairs"]
-    zeros = torch.zeros(n, dtype=torch.float32, device=ce.device)
-    logps = zeros.index_add(0, seg, -ce.float())
-    lengths = zeros.index_add(0, seg, torch.ones_like(ce, dtype=torch.float32))
-    return logps.view(-1, 2), lengths.view(-1, 2)
-
-
 def get_objective(train_args) -> SFT:
     """The objective ``train.objective`` names, with its settings."""
-    t = train_args
-    if t.objective == "sft":
-        return SFT(t.unlikelihood_alpha)
-    return Preference(t.objective, t.beta, t.label_smoothing, t.simpo_gamma, t.orpo_alpha, t.sft_weight)
+    return OBJECTIVES[train_args.objective].from_settings(train_args)
 
 
 class MetricWindow:

@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -27,9 +28,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from chattune.training import runguard
 from chattune.data import batch_plan
 from chattune.files import atomic_write
+from chattune.training.passes import pair_logps, passes
 
 FILE = "reference_logps.safetensors"
 
@@ -64,48 +65,57 @@ def reference_logps(model, objective, samples: list[dict], pad_id: int, batch_si
     """Summed (chosen, rejected) answer log-probs (n, 2) of ``samples`` under ``model``, in the
     batch layout training uses (packed where the method packs). ``check()`` runs before each
     batch (training passes its interrupt check: the pass can take many minutes)."""
-    from chattune.training.objectives import pair_logps
-
-    model.eval()
     out = torch.zeros(len(samples), 2, dtype=torch.float32)
     lengths = [len(s["input_ids"]) for s in samples]
     plan = batch_plan(lengths, batch_size, packing=packing, max_length=2 * max_length, seed=0, epoch=0, shuffle=False)
-    for mb in plan:
-        if check is not None:
-            check()
-        batch = objective.collate([samples[i] for i in mb], pad_id, packing=packing, bins=mb.bins,
-                                  mask_dtype=dtype or torch.float32, flat=flat)
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logps, _ = pair_logps(model, batch)
+
+    def batches():
+        for mb in plan:
+            if check is not None:
+                check()
+            yield objective.collate([samples[i] for i in mb], pad_id, packing=packing, bins=mb.bins,
+                                    mask_dtype=dtype or torch.float32, flat=flat)
+
+    for mb, (logps, _) in zip(plan, passes(model, batches(), device, dtype, pair_logps)):
         out[torch.tensor(list(mb))] = logps.float().cpu()
     return out
 
 
-def attach_reference(trainer) -> None:
-    """Give every pair of the run its ``"ref"`` log-probs: read from the run directory, or
-    computed now with the (not yet trained) model and stored there. A first SIGINT/SIGTERM
-    during the pass stops it at the next batch with a checkpoint of step 0 (the starting
-    policy), so ``--resume`` computes the reference again from the same weights."""
-    data, cfg = trainer.data.splits, trainer.cfg
+@dataclass
+class Layout:
+    """How the run batches pairs, so the reference pass sees them as training will."""
+
+    pad_id: int
+    batch_size: int
+    dtype: torch.dtype | None
+    packing: bool
+    flat: bool
+    max_length: int
+
+
+def attach_reference(model, objective, cfg, splits: dict[str, list[dict]], run_dir: Path, layout: Layout, acc,
+                     check: Callable[[], None], log: Callable[[dict], None]) -> None:
+    """Give every pair of ``splits`` its ``"ref"`` log-probs: read from ``run_dir``, or computed
+    now with the (not yet trained) ``model`` and stored there. ``check()`` runs before each
+    batch: the run's interrupt check, so a first SIGINT/SIGTERM during the pass stops it at the
+    next batch with a checkpoint of step 0 (the starting policy), and ``--resume`` computes the
+    reference again from the same weights. ``acc`` is the run's Accelerator (device, main
+    process, barrier)."""
     # SimPO and ORPO train without a reference; eval still ranks held-out pairs by it
-    names = [n for n in ("train", "validation", "test") if data[n]
-             and (n != "train" or trainer.objective.needs_reference)]
-    key = reference_key(cfg, {n: data[n] for n in names})
-    stored = load_reference(trainer.run_dir, key)
+    names = [n for n in ("train", "validation", "test") if splits[n] and (n != "train" or objective.needs_reference)]
+    key = reference_key(cfg, {n: splits[n] for n in names})
+    stored = load_reference(run_dir, key)
     if stored is None:
         t0 = time.perf_counter()
-        model = trainer.acc.unwrap_model(trainer.model)
-        stored = {n: reference_logps(model, trainer.objective, data[n], trainer.tokenizer.pad_token_id,
-                                     cfg.train.batch_size, trainer.acc.device, trainer.dtype, trainer.packing,
-                                     trainer.flat, cfg.data.max_length,
-                                     check=lambda: runguard.stop_if_interrupted(trainer)) for n in names}
-        if trainer.acc.is_main_process:
+        stored = {n: reference_logps(model, objective, splits[n], layout.pad_id, layout.batch_size, acc.device,
+                                     layout.dtype, layout.packing, layout.flat, layout.max_length, check=check)
+                  for n in names}
+        if acc.is_main_process:
             tensors = {n: t.contiguous() for n, t in stored.items()}
-            atomic_write(trainer.run_dir / FILE, lambda tmp: save_file(tensors, tmp, metadata={"key": key}))
-        trainer.acc.wait_for_everyone()
-        trainer.log({"step": 0, "reference_seconds": time.perf_counter() - t0,
-                     "reference_pairs": sum(len(data[n]) for n in names)})
+            atomic_write(run_dir / FILE, lambda tmp: save_file(tensors, tmp, metadata={"key": key}))
+        acc.wait_for_everyone()
+        log({"step": 0, "reference_seconds": time.perf_counter() - t0,
+             "reference_pairs": sum(len(splits[n]) for n in names)})
     for n in names:
-        for s, ref in zip(data[n], stored[n].tolist()):
+        for s, ref in zip(splits[n], stored[n].tolist()):
             s["ref"] = ref

@@ -117,25 +117,23 @@ def forget_metrics_after(path: Path, step: int) -> None:
     atomic_text(path, "".join(keep))
 
 
-def restore_into(trainer) -> None:
-    """``Trainer.start`` with --resume: load the checkpoint (falling back), set bad ones
-    aside, forget metrics past it, and say so when the budget is already spent."""
-    acc, run_dir = trainer.acc, trainer.run_dir
-    state, bad = restore(run_dir, acc.unwrap_model(trainer.model), trainer.optimizer, trainer.scheduler,
-                         acc.is_main_process)
+def resume_from_checkpoint(run_dir: Path, model, optimizer, scheduler, acc, total_steps: int) -> dict | None:
+    """``--resume``: load the newest checkpoint that loads into ``model``, ``optimizer`` and
+    ``scheduler`` (falling back), set bad ones aside, forget metrics past it, and say so when
+    the budget is already spent. Returns the checkpoint's loop state, None when there is none."""
+    state, bad = restore(run_dir, model, optimizer, scheduler, acc.is_main_process)
     if state is None:  # stopped before its first checkpoint: the same seed starts the same run again
         if acc.is_main_process:
             print(f"{run_dir} has no checkpoint yet: training it from step 0", file=sys.stderr, flush=True)
             forget_metrics_after(run_dir / "metrics.jsonl", 0)
-        return
-    trainer.state = {**trainer.state, **state}
-    trainer.saved_step = state["step"]
+        return None
     acc.wait_for_everyone()  # every process has read the files before any is moved
     if acc.is_main_process:
         for path in bad:
             ckpt.set_aside(path)
         forget_metrics_after(run_dir / "metrics.jsonl", state["step"])
-        if state["step"] >= trainer.total_steps:
-            print(f"{run_dir} is already at step {state['step']}, at or past its budget of {trainer.total_steps} "
+        if state["step"] >= total_steps:
+            print(f"{run_dir} is already at step {state['step']}, at or past its budget of {total_steps} "
                   f"steps: nothing to train (extend it with a larger --max-steps, --max-tokens or --epochs)",
                   file=sys.stderr, flush=True)
+    return state

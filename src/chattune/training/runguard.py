@@ -174,17 +174,13 @@ def write_error(e: Exception, what: Path, kept: Path | None) -> UserError:
     return UserError(f"cannot write {what}: {reason}{where}{tail}")
 
 
-def stop_if_interrupted(trainer) -> None:
-    """At a step boundary, after a signal: checkpoint this step (once) and raise Interrupted.
-    Every process must stop at the same boundary, so the flag is reduced across processes."""
-    signum = trainer.interrupts.signum if trainer.interrupts else None
-    if trainer.acc.num_processes > 1:
+def interrupt_signal(interrupts: Interrupts | None, acc) -> int | None:
+    """The signal a run has received, if any. Every process must stop at the same step
+    boundary, so the flag is reduced across ``acc``'s processes."""
+    signum = interrupts.signum if interrupts else None
+    if acc.num_processes > 1:
         import torch
 
-        flag = torch.tensor([float(signum or 0)], device=trainer.acc.device)
-        signum = int(trainer.acc.reduce(flag, reduction="max")) or None
-    if signum is None:
-        return
-    if trainer.saved_step != trainer.state["step"]:
-        trainer.save()
-    raise Interrupted(trainer.state["step"], signum, trainer.run_dir)
+        flag = torch.tensor([float(signum or 0)], device=acc.device)
+        signum = int(acc.reduce(flag, reduction="max")) or None
+    return signum
