@@ -147,3 +147,14 @@ def test_accelerate_fsdp_settings_reach_fully_shard():
         assert kw["reshard_after_forward"] is True
         assert isinstance(kw["offload_policy"], CPUOffloadPolicy) == offload
     assert options(None) == {}
+
+
+def test_sharded_dpo_equals_one_process(models, tmp_path):
+    """The reference pass runs sharded too (every process takes part in each forward)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    dpo = ["--objective", "dpo", "--max-steps", "3", "--max-length", "128", "--set", "data.max_rows=16"]
+    assert main(train_args(models["llama"], one, "lora", *dpo, "--grad-accum", "2")) == 0
+    run_sharded(*train_args(models["llama"], two, "lora", *dpo))
+    assert losses(two)[0] == pytest.approx(0.6931472, abs=1e-5)  # ln 2: the policy starts as its reference
+    assert losses(two) == pytest.approx(losses(one), rel=1e-4)
+    assert_same_weights(one, two, WEIGHTS["lora"])
