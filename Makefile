@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 TORCH_VERSION := 2.13.0
 
-.PHONY: demo test test-slow test-killanywhere bench venv clean gpu-bench
+.PHONY: demo test test-slow test-killanywhere bench venv clean mutate gpu-bench
 
 venv: .venv/.installed
 
@@ -27,6 +27,20 @@ test-slow: venv
 # one run SIGKILLed at every kill point in turn (tests/killpoints.py), resumed after each
 test-killanywhere: venv
 	$(PY) -m pytest -q -m slow tests/test_interrupts.py::test_kill_anywhere
+
+# mutation testing (docs/testing.md): mutmut rewrites the source it mutates, so it runs in a
+# copy of the tree; survivors are listed in $(MUTATE_DIR)/survivors.txt. MUTANTS picks mutant
+# name patterns (default: the modules of [tool.mutmut], and only Engine._accept of the engine core).
+MUTATE_DIR ?= /tmp/chattune-mutate
+MUTANTS ?= 'chattune.engine.sampling.*' 'chattune.engine.text.*' 'chattune.engine.core.*_accept__*' \
+	'chattune.serve.app.*' 'chattune.serve.protocol.*' 'chattune.data.select.*' 'chattune.data.render.*' \
+	'chattune.training.loss.*' 'chattune.training.objectives.*' 'chattune.training.unlikelihood.*'
+mutate: venv
+	$(PY) -c "import mutmut" 2>/dev/null || $(PY) -m pip install -q -e '.[mutate]'
+	rm -rf $(MUTATE_DIR) && mkdir -p $(MUTATE_DIR)
+	tar -cf - --exclude=./.venv --exclude=./.git --exclude=./runs --exclude=./mutants --exclude=./.hypothesis . | tar -xf - -C $(MUTATE_DIR)
+	cd $(MUTATE_DIR) && $(CURDIR)/.venv/bin/mutmut run $(MUTANTS) || true
+	cd $(MUTATE_DIR) && $(CURDIR)/.venv/bin/mutmut results > survivors.txt; cat survivors.txt
 
 # llama.cpp for tests/test_gguf_llamacpp.py (docs/gguf.md): llama-cpp-python compiled for this
 # CPU (GGML_NATIVE); the wheel is cached outside the repo, one per CPU flag set, and built only
