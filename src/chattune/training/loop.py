@@ -206,8 +206,10 @@ class Trainer:
     def save(self) -> None:
         unwrapped = self.acc.unwrap_model(self.model)
         if self.sharded or self.acc.is_main_process:  # sharded: gathering is a collective, all take part
-            state = shard.saved_state(unwrapped) if self.sharded else None
-            weights, optim = shard.trainable_weights(unwrapped, state), shard.optimizer_state(self.optimizer)
+            keep = self.acc.is_main_process  # and only the writer keeps the full tensors
+            state = shard.saved_state(unwrapped, keep) if self.sharded else None
+            weights = shard.trainable_weights(unwrapped, state, keep)
+            optim = shard.optimizer_state(self.optimizer, keep)
         if self.acc.is_main_process:
             target = rundir.adapter_dir(self.run_dir)
             try:  # a full disk ends in one line; the atomic writes keep what was there

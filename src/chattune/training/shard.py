@@ -15,9 +15,9 @@ not run the code users run. Where the plugin is active (an accelerate config wit
 Mixed precision stays chattune's autocast (``train.precision``): parameters are gathered in
 their stored dtype and the matmuls run in bf16, the same arithmetic as an unsharded run.
 
-Checkpoints keep the one format of unsharded runs: every process gathers the trainable
-weights and the AdamW state to full tensors (collectives, in the same order everywhere), the
-main process writes them; on resume every process reads the full tensors and keeps its own
+Checkpoints keep the one format of unsharded runs: every process takes part in gathering the
+trainable weights and the AdamW state to full tensors (collectives, in the same order
+everywhere, one tensor at a time), only the main process keeps them in host memory and writes; on resume every process reads the full tensors and keeps its own
 shard (``local_like``). A saved run is therefore read by eval/chat/serve/export as any run.
 """
 
@@ -119,26 +119,32 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def saved_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def _host(t: torch.Tensor, keep: bool) -> torch.Tensor | None:
+    """The whole of ``t`` in host memory where ``keep`` (the writing process); elsewhere the
+    gather only takes part in the collective and the tensor is dropped (None)."""
+    t = full(t)
+    return t.detach().cpu().contiguous() if keep else None
+
+
+def saved_state(model: torch.nn.Module, keep: bool = True) -> dict[str, torch.Tensor | None]:
     """The model's state dict as a method saves it, on CPU: trainable parameters gathered,
     frozen sharded ones left out (no method saves them), buffers as they are. Collective."""
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {n: full(t).detach().cpu().contiguous() for n, t in model.state_dict().items()
-            if n in trainable or not isinstance(t, DTensor)}
+    return {n: _host(t, keep) for n, t in model.state_dict().items() if n in trainable or not isinstance(t, DTensor)}
 
 
-def trainable_weights(model: torch.nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def trainable_weights(model: torch.nn.Module, state: dict | None = None, keep: bool = True) -> dict:
     """Full trainable parameters by name on CPU (the checkpoint's weights). Collective when sharded."""
     if state is None:
-        return {n: full(p).detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        return {n: _host(p, keep) for n, p in model.named_parameters() if p.requires_grad}
     return {n: state[n] for n, p in model.named_parameters() if p.requires_grad}
 
 
-def optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+def optimizer_state(optimizer: torch.optim.Optimizer, keep: bool = True) -> dict:
     """``optimizer.state_dict()`` with every sharded state tensor gathered. Collective."""
     sd = optimizer.state_dict()
     for idx in sorted(sd["state"]):  # the same order on every process
-        sd["state"][idx] = {k: full(v) for k, v in sd["state"][idx].items()}
+        sd["state"][idx] = {k: _host(v, keep) if isinstance(v, DTensor) else v for k, v in sd["state"][idx].items()}
     return sd
 
 
