@@ -159,6 +159,7 @@ def test_whole_answer_body(app, finish, reason):
     worker.outcome = ("done", {"text": "Hello there", "finish": finish, "tokens": [5, 6]})
     got = client.post(URL, json={"model": "b", "messages": HI}).json()
     assert got["object"] == "chat.completion" and got["model"] == "b" and got["id"].startswith("chatcmpl-")
+    assert isinstance(got["created"], int)
     assert got["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "Hello there"},
                                "finish_reason": reason}]
     assert got["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
@@ -178,6 +179,8 @@ def test_stream_chunks(app, usage):
     chunks = events(r)
     ids = {c["id"] for c in chunks}
     assert len(ids) == 1 and all(c["object"] == "chat.completion.chunk" and c["model"] == "a" for c in chunks)
+    assert all(isinstance(c["created"], int) for c in chunks)
+    assert all(c["choices"][0]["index"] == 0 for c in chunks if c["choices"])
     deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
     assert deltas == [{"role": "assistant", "content": ""}, {"content": "Hello"}, {"content": "there"}, {}]
     assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]] == [None, None, None, "stop"]
@@ -187,7 +190,7 @@ def test_stream_chunks(app, usage):
         assert all("usage" not in c for c in chunks)
 
 
-@pytest.mark.parametrize("status", [400, 503])
+@pytest.mark.parametrize("status", [400, 500, 503])
 def test_engine_errors_reach_the_client(app, status):
     client, _, worker = app
     worker.outcome = ("error", (status, "the server is shutting down"))
@@ -205,7 +208,8 @@ def test_request_errors_map_to_openai_bodies(app):
     assert error(post(n=2), 400)["param"] == "n"
     missing = error(post(model="nope"), 404)
     assert missing["code"] == "model_not_found" and missing["param"] == "model" and "a, b, base" in missing["message"]
-    assert error(post(messages=[{"role": "user", "content": "refuse me"}]), 400)["param"] == "messages"
+    refused = error(post(messages=[{"role": "user", "content": "refuse me"}]), 400)
+    assert refused["param"] == "messages" and refused["message"] == "the template refuses this"
     worker.too_long = True
     too_long = error(post(), 400)
     assert too_long["code"] == "context_length_exceeded" and too_long["param"] == "messages"
@@ -346,5 +350,19 @@ def test_a_whole_answer_whose_client_left_is_cancelled():
         job = job_with()
         response = await asyncio.wait_for(_whole(job, worker, Reply("a"), Gone()), timeout=5)
         assert response.status_code == 499 and response.body == b"{}" and worker.cancelled == [job]
+
+    asyncio.run(go())
+
+
+def test_a_whole_answer_slower_than_the_poll_still_arrives():
+    class Here:
+        async def is_disconnected(self):
+            return False
+
+    async def go():
+        worker, job = FakeWorker(), job_with()
+        asyncio.get_running_loop().call_later(0.8, job.events.put_nowait, ("done", Answer(None, "late", [1], "eos", 1)))
+        body = await asyncio.wait_for(_whole(job, worker, Reply("a"), Here()), timeout=5)
+        assert body["choices"][0]["message"]["content"] == "late" and worker.cancelled == []
 
     asyncio.run(go())
