@@ -8,6 +8,7 @@ engine's answers can be watched.
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import signal
 import socket
@@ -200,12 +201,16 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(server):
     """Runs last in this module: it stops the module's server."""
     proc, url = server["proc"], server["url"]
     with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=60, json={
-            "model": "lora", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 40, "stream": True}) as r:
+            "model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 64, "stream": True}) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
         proc.send_signal(signal.SIGTERM)
-        rest = list(lines)
-    assert "data: [DONE]" in rest  # the in-flight answer was finished, not cut
+        rest = [line for line in lines if line]
+    # the in-flight answer was finished, not failed: [DONE] also follows an error event
+    assert rest[-1] == "data: [DONE]" and not any('"error"' in line for line in rest)
+    chunks = [json.loads(line[len("data: "):]) for line in rest[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert sum(bool(c["choices"][0]["delta"].get("content")) for c in chunks) >= 2  # it went on after SIGTERM
     assert proc.wait(timeout=60) == 0
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{url}/health", timeout=5)
@@ -357,8 +362,9 @@ def test_runs_on_different_bases_are_refused(runs, tmp_path, capsys):
     assert err.count("\n") == 1 and "share one base model" in err and "some/other-model" in err
 
 
-def test_the_adapter_directory_is_what_peft_and_vllm_load(runs):
-    """`vllm serve BASE --enable-lora --lora-modules name=RUN/adapter` reads PEFT's files unchanged."""
+def test_the_adapter_directory_is_what_peft_loads(runs):
+    """PEFT's own files and key names, nothing else (what LoRA servers such as vLLM read;
+    their further rules are not checked here)."""
     from peft import PeftConfig, get_peft_model, get_peft_model_state_dict
     from safetensors import safe_open
 
