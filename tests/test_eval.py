@@ -97,7 +97,8 @@ def row(prompt, finish, tokens, turn=0, text="x", reference=None):
 
 def test_answer_metrics_rates_and_intervals():
     loop = [1, 2, 3, 4] * 10
-    rows = [row(0, "eos", list(range(10))), row(1, "stop", list(range(20))), row(2, "length", loop),
+    rows = [row(0, "eos", list(range(10))), row(1, "stop", list(range(20))),
+            row(2, "length", loop, text="I can help. " * 10),
             row(3, "eos", list(range(30)), text="the capital is rome", reference="rome is the capital")]
     m = answer_metrics(rows, 4, ref_median=20.0)
     assert (m["eos_share"], m["new_turn_share"], m["cut_share"], m["loop_share"]) == (0.5, 0.25, 0.25, 0.25)

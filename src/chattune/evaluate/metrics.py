@@ -11,13 +11,11 @@ from __future__ import annotations
 import statistics
 
 import numpy as np
-import torch
 
-from chattune.data import IGNORE_INDEX, collate
-from chattune.training.loss import shift_targets, token_losses
-from chattune.data.textstats import repeated_ngram_rate  # noqa: F401 (re-exported: seq-rep-n)
+from chattune.data.textstats import is_loop, repeated_ngram_rate
 
-LOOP = 0.2  # seq-rep-4 above this reads as a loop (Welleck et al. 2020 report ~0.4-0.6 for greedy GPT-2)
+# "loops" is the data filter's detector (chattune.data.textstats.is_loop: a span repeated back
+# to back, not code, lists or tables); seq-rep-4 over model tokens stays a reported statistic.
 RESAMPLES = 1000
 
 
@@ -104,7 +102,7 @@ def answer_metrics(rows: list[dict], n_prompts: int, ref_median: float | None) -
         "eos_share": [r["finish"] == "eos" for r in rows],
         "new_turn_share": [r["finish"] == "stop" for r in rows],
         "cut_share": [r["finish"] == "length" for r in rows],
-        "loop_share": [x > LOOP for x in reps],
+        "loop_share": [is_loop(r["text"]) for r in rows],
     }
     out: dict = {"answers": len(rows), "ci": {}}
     for key, values in flags.items():
@@ -127,17 +125,18 @@ def answer_metrics(rows: list[dict], n_prompts: int, ref_median: float | None) -
     return out
 
 
-def reference_metrics(references: list[list[int]]) -> dict:
-    """The anchor row: the same text metrics on the reference answers themselves."""
+def reference_metrics(references: list[list[int]], texts: list[str]) -> dict:
+    """The anchor row: the same text metrics on the reference answers themselves (token ids
+    and their texts, in the same order)."""
     boot = Bootstrap(list(range(len(references))), len(references))
     reps = [repeated_ngram_rate(t) for t in references]
+    loops = [is_loop(t) for t in texts]
     lengths = [len(t) for t in references]
     return {
-        "answers": len(references), "rep4": sum(reps) / len(reps), "loop_share": sum(x > LOOP for x in reps) / len(reps),
+        "answers": len(references), "rep4": sum(reps) / len(reps), "loop_share": sum(loops) / len(loops),
         "distinct_2": distinct_n(references, 2), "median_length": float(statistics.median(lengths)),
         "mean_length": sum(lengths) / len(lengths), "length_ratio": 1.0,
-        "ci": {"rep4": boot.mean(reps), "loop_share": boot.mean([x > LOOP for x in reps]),
-               "median_length": boot.median(lengths)},
+        "ci": {"rep4": boot.mean(reps), "loop_share": boot.mean(loops), "median_length": boot.median(lengths)},
     }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 # (label, key, kind) in table order; kind picks the format
 ROWS = [("ends with EOS", "eos_share", "rate"), ("starts a new turn itself", "new_turn_share", "rate"),
         ("cut at the token limit", "cut_share", "rate"), ("seq-rep-4 (mean)", "rep4", "num"),
-        ("loops (seq-rep-4 > 0.2)", "loop_share", "rate"), ("distinct-2", "distinct_2", "num"),
+        ("loops (repeated spans)", "loop_share", "rate"), ("distinct-2", "distinct_2", "num"),
         ("median length (tokens)", "median_length", "len"), ("median length / reference", "length_ratio", "ratio"),
         ("ROUGE-L vs reference", "rouge_l", "num")]
 WIDTH = 19
@@ -97,16 +97,19 @@ def _judge_lines(j: dict | None) -> list[str]:
 
 
 PAIR_ROWS = [("tuned model's implicit reward", "implicit_reward"),
-             ("reference likelihood ranking", "reference_likelihood"), ("longer answer wins", "longer_answer")]
+             ("reference likelihood ranking", "reference_likelihood"), ("longer answer wins", "longer_answer"),
+             ("kto: desirable over undesirable (AUC)", "desirable_vs_undesirable")]
 
 
 def _pair_lines(pairs: dict | None) -> list[str]:
     """Held-out pair accuracy of a preference run (``preference_eval.pair_accuracies``)."""
     if not pairs:
         return []
-    lines = [f"held-out pair accuracy ({pairs['objective']}, {pairs['n']} pairs), 95% bootstrap interval:"]
+    answers = f", {pairs['n']} answers" if "desirable_vs_undesirable" in pairs else ""  # kto: answers, and pairs of them
+    lines = [f"held-out pair accuracy ({pairs['objective']}, {pairs.get('pairs', pairs['n'])} pairs{answers}), "
+             "95% bootstrap interval:"]
     for label, key in PAIR_ROWS:
-        if key in pairs:
+        if key in pairs and pairs[key]["accuracy"] is not None:
             a = pairs[key]
             lines.append(f"  {label:34s}{a['accuracy']:>8.1%}  [{a['low']:.1%}, {a['high']:.1%}]")
     return lines

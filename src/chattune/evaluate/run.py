@@ -189,7 +189,8 @@ def _metrics(run, qs: QuestionSet, answers: list[dict], samples: list[dict], mod
             out[m][d]["samples"] = [{"prompt": qs.questions[r["prompt"]].turns[r["turn"]], "answer": r["text"],
                                      "stopped": r["finish"] == "eos"} for r in rows[(m, d)][:8]]
     if ref_tokens:
-        out["reference"] = reference_metrics(ref_tokens)
+        ref_texts = [qs.questions[qi].reference for qi in sorted(used) if qi in refs]
+        out["reference"] = reference_metrics(ref_tokens, ref_texts)
     if "base" in models:
         out["paired"] = {d: paired_stops(rows[("tuned", d)], rows[("base", d)]) for d in decodings}
     return out

@@ -26,8 +26,9 @@ TRAIN_FLAGS: dict[str, dict] = {
     "precision": dict(choices=["auto", "bf16", "fp32"], help="autocast precision (default auto)"),
     "output_dir": dict(help="run directory (default runs/run)"),
     "seed": dict(type=int, help="random seed (default 0)"),
-    "objective": dict(choices=["sft", "dpo", "ipo", "simpo", "orpo"],
-                      help="training objective (default sft); the others train on preference pairs"),
+    "objective": dict(choices=["sft", "dpo", "ipo", "simpo", "orpo", "kto"],
+                      help="training objective (default sft); dpo|ipo|simpo|orpo train on preference pairs, "
+                           "kto on desirable and undesirable answers"),
     "init_from": dict(metavar="RUN_DIR", help="start from a finished run's trained weights (SFT then DPO)"),
     "chosen_model": dict(help="prompt-answers rows as pairs: the preferred model's answer"),
     "rejected_model": dict(help="prompt-answers rows as pairs: the other model's answer"),

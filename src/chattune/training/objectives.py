@@ -11,13 +11,16 @@ and rejected answer tokens), reference log-probs ``rc``/``rr`` and answer length
 
 - DPO (Rafailov et al. 2023, eq. 7): ``-log sigmoid(beta * h)``, ``h = (pc - rc) - (pr - rr)``;
   with ``label_smoothing`` eps the robust DPO of Chowdhury et al. 2024 (eq. 6), unbiased when
-  a share eps of the crowd's votes is flipped: ``((1-eps) l(h) - eps l(-h)) / (1 - 2 eps)``.
+  a share eps of the crowd's votes is flipped: ``((1-eps) l(h) - eps l(-h)) / (1 - 2 eps)``;
+  with ``ties`` a tie model's -log P(win) and, on tie pairs, -log P(tie) of ``beta * h``
+  (``chattune.training.ties``).
 - IPO (Azar et al. 2023, eq. 17): ``(h' - 1/(2 beta))^2`` with ``h'`` the log-ratio difference
   per answer token (the normalised form the paper's results use, as TRL confirmed with the authors).
 - SimPO (Meng et al. 2024, eq. 6): ``-log sigmoid(beta pc/lc - beta pr/lr - gamma)``, no reference.
 - ORPO (Hong et al. 2024, eq. 6): ``-pc/lc + alpha * -log sigmoid(log odds(c) - log odds(r))``,
   odds from the per-token mean likelihood, no reference.
 
+KTO (single desirable/undesirable answers) is registered from ``chattune.training.kto``.
 ``train.sft_weight`` adds ``sft_weight * (-pc/lc)``, an SFT term on the chosen answer.
 Log-probs come from ``chattune.training.loss.token_losses`` (the LM head projects only answer
 positions; prompt tuning's virtual positions are skipped) and are summed per answer
@@ -35,6 +38,7 @@ from chattune.data import IGNORE_INDEX, collate, prepare
 from chattune.data.pairs import prepare_pairs, split_pair
 from chattune.training.loss import answer_logits, cross_entropy, shift_targets, token_loss_sum
 from chattune.training.passes import loss_on_samples, pair_logps, passes
+from chattune.training.ties import DEFAULT_NU, tie_losses
 from chattune.training.unlikelihood import answer_runs, unlikelihood_sum
 
 OBJECTIVES: dict[str, type[SFT]] = {}  # train.objective -> its class, filled by @register
@@ -124,19 +128,21 @@ class Preference(SFT):
 
     def loss(self, model, batch: dict, full_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         logps, lengths = pair_logps(model, batch, full_logits)  # (P, 2) each
-        losses, rewards = self.pair_losses(logps, batch.get("ref_logps"), lengths)
+        losses, rewards = self.pair_losses(logps, batch.get("ref_logps"), lengths, batch.get("ties"))
         margin = (rewards[:, 0] - rewards[:, 1]).detach()
         stats = torch.stack([(margin > 0).float(), margin, rewards[:, 0].detach(), rewards[:, 1].detach(),
                              logps[:, 0].detach(), logps[:, 1].detach(), lengths[:, 0], lengths[:, 1]])  # (8, P)
         return losses.sum(), stats.sum(1).double().cpu()
 
-    def pair_losses(self, logps: torch.Tensor, ref: torch.Tensor | None, lengths: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-pair losses (P,) and implicit rewards (P, 2) from log-prob sums (P, 2)."""
+    def pair_losses(self, logps: torch.Tensor, ref: torch.Tensor | None, lengths: torch.Tensor,
+                    ties: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-pair losses (P,) and implicit rewards (P, 2) from log-prob sums (P, 2); ``ties``
+        (P,) bool marks tie pairs (only DPO with a tie model has them)."""
         if self.needs_reference and ref is None:
             raise RuntimeError(f"{self.name} needs the reference log-probs (Preference.start)")
         mean = logps / lengths  # (P, 2) per-token log-likelihood
-        losses, rewards = self.losses(logps, None if ref is None else ref.to(logps), lengths, mean)
+        extra = {} if ties is None else {"ties": ties.to(logps.device)}
+        losses, rewards = self.losses(logps, None if ref is None else ref.to(logps), lengths, mean, **extra)
         if self.sft_weight:
             losses = losses - self.sft_weight * mean[:, 0]
         return losses, rewards
@@ -159,9 +165,26 @@ class Preference(SFT):
 class DPO(Preference):
     name, needs_reference = "dpo", True
 
-    def losses(self, logps, ref, lengths, mean):
+    def __init__(self, beta: float | None = None, label_smoothing: float = 0.0, sft_weight: float = 0.0,
+                 ties: str = "drop", tie_nu: float | None = None):
+        super().__init__(beta, label_smoothing, sft_weight=sft_weight)
+        self.ties = ties
+        self.tie_nu = DEFAULT_NU.get(ties) if tie_nu is None else tie_nu
+
+    @classmethod
+    def from_settings(cls, t) -> DPO:
+        return cls(t.beta, t.label_smoothing, t.sft_weight, t.ties, t.tie_nu)
+
+    def prepare(self, data_cfg, tokenizer):
+        return prepare_pairs(data_cfg, tokenizer, ties=self.ties != "drop")
+
+    def losses(self, logps, ref, lengths, mean, ties=None):
         ratios = logps - ref  # (P, 2)
-        return robust_sigmoid_loss(self.beta * (ratios[:, 0] - ratios[:, 1]), self.label_smoothing), self.beta * ratios
+        d = self.beta * (ratios[:, 0] - ratios[:, 1])  # (P,)
+        if self.ties == "drop":
+            return robust_sigmoid_loss(d, self.label_smoothing), self.beta * ratios
+        tie = torch.zeros_like(d, dtype=torch.bool) if ties is None else ties
+        return tie_losses(d, tie, self.ties, self.tie_nu), self.beta * ratios
 
 
 @register
@@ -227,6 +250,8 @@ def collate_pairs(samples: list[dict], pad_id: int, *, packing: bool, bins=None,
             segment_ids[r, start:start + n] = i
             start += n
     batch["segment_ids"], batch["pairs"] = segment_ids, len(samples)
+    if any(s.get("tie") for s in samples):
+        batch["ties"] = torch.tensor([bool(s.get("tie")) for s in samples])  # (P,)
     if all("ref" in s for s in samples):
         batch["ref_logps"] = torch.tensor([s["ref"] for s in samples], dtype=torch.float32)  # (P, 2)
     return batch
@@ -252,3 +277,6 @@ class MetricWindow:
         self.sums.zero_()
         self.n = 0
         return {k: v for k, v in out.items() if math.isfinite(v)}
+
+
+from chattune.training import kto  # noqa: E402,F401  (registers "kto"; it builds on Preference above)

@@ -19,7 +19,7 @@ import torch
 from chattune.data import IGNORE_INDEX, collate
 from chattune.training.loss import shift_targets, token_losses
 
-EXTRA_KEYS = ("segment_ids", "pairs", "ref_logps")  # batch entries the model must not see
+EXTRA_KEYS = ("segment_ids", "pairs", "ref_logps", "ties", "desirable")  # batch entries the model must not see
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

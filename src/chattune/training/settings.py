@@ -89,8 +89,9 @@ class TrainArgs:
     early_stopping_patience: int = field(0, help="stop after this many evaluations without improvement (0: off)")
     tensorboard: bool = field(False, help="also log to TensorBoard under output_dir/tb")
     max_eval_samples: int = field(200, help="validation samples used by each in-training evaluation")
-    objective: Literal["sft", "dpo", "ipo", "simpo", "orpo"] = field(
-        "sft", help="sft: next-token loss on answers; dpo|ipo|simpo|orpo: preference pairs (chattune.training.objectives)")
+    objective: Literal["sft", "dpo", "ipo", "simpo", "orpo", "kto"] = field(
+        "sft", help="sft: next-token loss on answers; dpo|ipo|simpo|orpo: preference pairs "
+                    "(chattune.training.objectives); kto: desirable and undesirable single answers")
     beta: float | None = field(None, help="preference strength: DPO/IPO beta (default 0.1), SimPO beta (default 2.0); "
                                "scales the logged rewards of ORPO")
     label_smoothing: float = field(0.0, help="DPO/SimPO: assumed share of flipped votes, robust DPO "
@@ -98,6 +99,15 @@ class TrainArgs:
     simpo_gamma: float = field(1.0, help="SimPO target reward margin gamma")
     orpo_alpha: float = field(0.1, help="ORPO weight of the odds-ratio term (the paper's lambda)")
     sft_weight: float = field(0.0, help="preferences: weight of an added SFT term on the chosen answer")
+    ties: Literal["drop", "rao-kupper", "davidson"] = field(
+        "drop", help="dpo: what 'tie' votes do. drop: nothing (counted as dropped); rao-kupper|davidson: they "
+                     "become tie pairs whose loss is -log P(tie) of that tie model (Chen et al. 2024)")
+    tie_nu: float | None = field(None, help="dpo with ties: the tie model's nu; default 1.5 (rao-kupper, > 1) or "
+                                 "0.5 (davidson, > 0): P(tie) = 0.2 at a zero margin, the share of ties among the "
+                                 "arena's decided and tied votes")
+    kto_desirable_weight: float = field(1.0, help="kto: weight lambda_D of desirable answers")
+    kto_undesirable_weight: float = field(1.0, help="kto: weight lambda_U of undesirable answers (the paper keeps "
+                                          "lambda_D n_D / (lambda_U n_U) in [1, 4/3]; a run outside it warns)")
 
     def __post_init__(self):
         for name in ("batch_size", "grad_accum", "log_every", "save_every"):
@@ -125,6 +135,22 @@ class TrainArgs:
             raise UserError("train.compile is not supported with train.shard=fsdp; drop one")
         if self.orpo_alpha < 0 or self.sft_weight < 0:
             raise UserError("train.orpo_alpha and train.sft_weight must not be negative")
+        self._check_ties_and_kto()
+
+    def _check_ties_and_kto(self) -> None:
+        if self.ties != "drop" and self.objective != "dpo":
+            raise UserError(f"train.ties applies to train.objective dpo, not {self.objective}")
+        if self.ties != "drop" and self.label_smoothing:
+            raise UserError("train.ties and train.label_smoothing cannot be combined (the tie models have no "
+                            "flipped-vote form)")
+        if self.tie_nu is not None:
+            if self.ties == "drop":
+                raise UserError("train.tie_nu needs train.ties rao-kupper or davidson")
+            low = 1.0 if self.ties == "rao-kupper" else 0.0  # at low a tie has probability 0
+            if not self.tie_nu > low:
+                raise UserError(f"train.tie_nu must be above {low:g} for {self.ties}, got {self.tie_nu}")
+        if self.kto_desirable_weight <= 0 or self.kto_undesirable_weight <= 0:
+            raise UserError("train.kto_desirable_weight and train.kto_undesirable_weight must be positive")
 
 
 @dataclass
