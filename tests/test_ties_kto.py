@@ -132,7 +132,7 @@ def test_kto_at_the_reference_costs_half_each_weight():
 def test_balance_rule():
     assert balance_warning(100, 100, 1.0, 1.0) is None  # ratio 1
     assert balance_warning(130, 100, 1.0, 1.0) is None  # 1.3 <= 4/3
-    message = balance_warning(38, 54, 1.0, 1.0)  # the sample: 38 + 20 tie desirable vs 38 + 16 undesirable
+    message = balance_warning(38, 54, 1.0, 1.0)  # more undesirable than desirable answers
     assert "0.70" in message and "kto_desirable_weight=1.42" in message
     assert "desirable" in balance_warning(10, 0, 1.0, 1.0)
 
@@ -146,7 +146,7 @@ def test_kto_step0_is_half_and_it_trains(tiny_dirs, tmp_path, method, capsys):
     steps = [r for r in rows if "loss" in r and r.get("step", 0) >= 1]
     # at step 1 the policy is the reference: r = z0 = 0 and each answer costs lambda / 2
     assert steps[0]["loss"] == pytest.approx(0.5, abs=1e-5) and steps[0]["kl"] == pytest.approx(0.0, abs=1e-5)
-    assert "kto: lambda_D n_D / (lambda_U n_U)" in capsys.readouterr().err  # the sample is undesirable-heavy
+    assert "kto: lambda_D n_D / (lambda_U n_U)" in capsys.readouterr().err  # the sample's first 16 rows are unbalanced
 
 
 @pytest.mark.slow
