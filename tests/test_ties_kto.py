@@ -201,3 +201,21 @@ def test_bootstrap_auc_counts_ties_half():
 
     auc = bootstrap_auc(torch.tensor([3.0, 1.0], dtype=torch.float64), torch.tensor([1.0, 0.0], dtype=torch.float64))
     assert auc["accuracy"] == pytest.approx((1 + 1 + 0.5 + 1) / 4)
+
+
+def test_killed_and_resumed_kto_equals_uninterrupted(tiny_dirs, tmp_path):
+    from test_train import _cli
+    from tiny import kill_after_checkpoint
+
+    common = ["--objective", "kto", "--max-steps", "12", "--lr", "3e-3", "--set", "train.save_every=2",
+              "--set", "data.max_rows=40"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert main(pref_args(tiny_dirs["gpt2"], straight, *common)) == 0
+    proc = _cli(*pref_args(tiny_dirs["gpt2"], killed, *common))
+    kill_after_checkpoint(proc, killed, 4, 10)  # as soon as a mid-run checkpoint exists
+    assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
+    assert main(["train", "--resume", str(killed)]) == 0  # reads the stored reference back
+    a, b = metrics(straight), metrics(killed)
+    assert [m["step"] for m in b] == [m["step"] for m in a]
+    for key in ("loss", "kl", "reward_margin"):
+        assert [m[key] for m in b if key in m] == pytest.approx([m[key] for m in a if key in m], rel=1e-5, abs=1e-7)
