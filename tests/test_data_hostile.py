@@ -75,7 +75,8 @@ def body(fmt: str, case: str) -> tuple[list[bytes], int]:
     if case == "wrong_types":
         return lines(wrong_types(fmt)), 0
     if case == "huge_string":
-        return lines([row(fmt, "A question about a long answer?", "a" * 10_000_000, 50)]), 1
+        # read, then dropped as looping_answer: ten million times "a" is a loop
+        return lines([row(fmt, "A question about a long answer?", "a" * 10_000_000, 50)]), 0
     if case == "deep":
         bomb = json.dumps(good(fmt, 50)).replace('"Question number 50: what is 50 + 50?"', deep(100_000))
         return [bomb.encode()] + lines([row(fmt, json.loads(deep(200)), "an answer", 51)]), 0
@@ -162,7 +163,7 @@ def parquet_table(fmt: str, case: str):
     if case == "wrong_inner_types":
         return [row(fmt, 5, 6, 1), row(fmt, 7, 8, 2)], 0
     if case == "huge_string":
-        return goods + [row(fmt, "A question about a long answer?", "a" * 10_000_000, 3)], 3
+        return goods + [row(fmt, "A question about a long answer?", "a" * 10_000_000, 3)], 2  # the loop dropped
     if case == "deep":
         return [row(fmt, json.loads(deep(40)), json.loads(deep(40)), n) for n in (1, 2)], 0  # pyarrow reads 100 levels
     if case == "nul":

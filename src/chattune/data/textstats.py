@@ -44,6 +44,7 @@ MAX_UNIT = 64  # pieces in the longest repeated unit looked for (a long sentence
 MIN_REPEATS = 3  # a unit said twice is emphasis or a refrain; three times in a row is a loop
 MIN_REGION = 12  # pieces a repeated run must cover ("doo doo doo" is a lyric, not a loop)
 LOOP_SHARE = 0.3  # an answer with more of its pieces inside repeated runs than this is a loop
+MAX_CHARS = 100_000  # only an answer's first 100k characters are read: bounded time on a hostile 10 MB answer
 
 
 def repeated_ngram_rate(tokens: Sequence, n: int = 4) -> float:
@@ -53,9 +54,9 @@ def repeated_ngram_rate(tokens: Sequence, n: int = 4) -> float:
 
 
 def pieces(text: str) -> list[str]:
-    """Words and punctuation runs of ``text``, list markers normalised, in-word runs split."""
+    """Words and punctuation runs of ``text[:MAX_CHARS]``, list markers normalised, in-word runs split."""
     out = []
-    for w in PIECE.findall(LIST_MARKER.sub("- ", text)):
+    for w in PIECE.findall(LIST_MARKER.sub("- ", text[:MAX_CHARS])):
         if len(w) < 6 or not IN_WORD.search(w):
             out.append(w)
             continue

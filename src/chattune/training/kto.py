@@ -17,18 +17,13 @@ estimates its own). At the reference (step 0) r = z0 = 0 and every answer's loss
 lambda / 2.
 
 The paper's balance rule: lambda_D n_D / (lambda_U n_U) in [1, 4/3]; a run outside it
-prints a warning with the weights that would meet it.
+prints a warning with the weights that would meet it. The objective itself (``KTO``) is
+registered in ``chattune.training.objectives`` beside the others.
 """
 
 from __future__ import annotations
 
-import sys
-
 import torch
-
-from chattune.data.votes import prepare_kto
-from chattune.training.objectives import Preference, collate_pairs, register
-from chattune.training.passes import pair_logps
 
 BALANCE = (1.0, 4 / 3)
 
@@ -61,49 +56,3 @@ def balance_warning(n_desirable: int, n_undesirable: int, desirable_weight: floa
     return (f"kto: lambda_D n_D / (lambda_U n_U) = {desirable_weight:g}*{n_desirable} / "
             f"({undesirable_weight:g}*{n_undesirable}) = {ratio:.2f}, outside the paper's [1, 4/3]; e.g. "
             f"train.kto_desirable_weight={fit:.3g} to {4 / 3 * fit:.3g} meets it")
-
-
-@register
-class KTO(Preference):
-    """Desirable and undesirable single answers against the stored reference (see module)."""
-
-    name, needs_reference = "kto", True
-    metrics = ("kl", "reward_accuracy", "reward_margin", "logp", "length")
-
-    def __init__(self, beta: float | None = None, desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
-        super().__init__(beta)
-        self.desirable_weight, self.undesirable_weight = desirable_weight, undesirable_weight
-
-    @classmethod
-    def from_settings(cls, t) -> KTO:
-        return cls(t.beta, t.kto_desirable_weight, t.kto_undesirable_weight)
-
-    def prepare(self, data_cfg, tokenizer):
-        data = prepare_kto(data_cfg, tokenizer)
-        labels = [s["label"] for s in data.splits["train"]]
-        warning = balance_warning(sum(labels), len(labels) - sum(labels), self.desirable_weight,
-                                  self.undesirable_weight)
-        if warning:
-            print(f"chattune: warning: {warning}", file=sys.stderr, flush=True)
-        return data
-
-    def collate(self, samples: list[dict], pad_id: int, **kw) -> dict:
-        batch = collate_pairs(samples, pad_id, **kw)
-        batch["desirable"] = torch.tensor([bool(s["label"]) for s in samples])  # (P,)
-        return batch
-
-    def loss(self, model, batch: dict, full_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        logps, lengths = pair_logps(model, batch, full_logits)  # (P, 2) each
-        if batch.get("ref_logps") is None:
-            raise RuntimeError("kto needs the reference log-probs (Preference.start)")
-        desirable = batch["desirable"].to(logps.device)
-        losses, r, z0 = kto_losses(logps, batch["ref_logps"].to(logps), desirable, self.beta,
-                                   self.desirable_weight, self.undesirable_weight)
-        sign = desirable.float() * 2 - 1  # (P,) +1 desirable, -1 undesirable
-        margin = (sign * self.beta * (r - z0)).detach()  # > 0: the answer sits on its label's side of z0
-        stats = torch.stack([z0.expand_as(r), (margin > 0).float(), margin, logps[:, 0].detach(), lengths[:, 0]])
-        return losses.sum(), stats.sum(1).double().cpu()
-
-    def rewards(self, logps: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-        """The implicit reward beta * r of each own answer (P,), as the eval ranks them."""
-        return self.beta * (logps[:, 0] - ref[:, 0])

@@ -20,7 +20,7 @@ and rejected answer tokens), reference log-probs ``rc``/``rr`` and answer length
 - ORPO (Hong et al. 2024, eq. 6): ``-pc/lc + alpha * -log sigmoid(log odds(c) - log odds(r))``,
   odds from the per-token mean likelihood, no reference.
 
-KTO (single desirable/undesirable answers) is registered from ``chattune.training.kto``.
+KTO scores single desirable/undesirable answers (``chattune.training.kto``, its loss).
 ``train.sft_weight`` adds ``sft_weight * (-pc/lc)``, an SFT term on the chosen answer.
 Log-probs come from ``chattune.training.loss.token_losses`` (the LM head projects only answer
 positions; prompt tuning's virtual positions are skipped) and are summed per answer
@@ -30,6 +30,7 @@ segment, so a flat packed row of many answers gives each its own sum.
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,8 @@ import torch.nn.functional as F
 from chattune.data import IGNORE_INDEX, collate, prepare
 from chattune.data.pairs import prepare_pairs, split_pair
 from chattune.training.loss import answer_logits, cross_entropy, shift_targets, token_loss_sum
+from chattune.data.votes import prepare_kto
+from chattune.training.kto import balance_warning, kto_losses
 from chattune.training.passes import loss_on_samples, pair_logps, passes
 from chattune.training.ties import DEFAULT_NU, tie_losses
 from chattune.training.unlikelihood import answer_runs, unlikelihood_sum
@@ -216,6 +219,52 @@ class ORPO(Preference):
         return -mean[:, 0] - self.alpha * F.logsigmoid(log_odds[:, 0] - log_odds[:, 1]), self.beta * mean
 
 
+@register
+class KTO(Preference):
+    """Desirable and undesirable single answers against the stored reference (see module)."""
+
+    name, needs_reference = "kto", True
+    metrics = ("kl", "reward_accuracy", "reward_margin", "logp", "length")
+
+    def __init__(self, beta: float | None = None, desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
+        super().__init__(beta)
+        self.desirable_weight, self.undesirable_weight = desirable_weight, undesirable_weight
+
+    @classmethod
+    def from_settings(cls, t) -> KTO:
+        return cls(t.beta, t.kto_desirable_weight, t.kto_undesirable_weight)
+
+    def prepare(self, data_cfg, tokenizer):
+        data = prepare_kto(data_cfg, tokenizer)
+        labels = [s["label"] for s in data.splits["train"]]
+        warning = balance_warning(sum(labels), len(labels) - sum(labels), self.desirable_weight,
+                                  self.undesirable_weight)
+        if warning:
+            print(f"chattune: warning: {warning}", file=sys.stderr, flush=True)
+        return data
+
+    def collate(self, samples: list[dict], pad_id: int, **kw) -> dict:
+        batch = collate_pairs(samples, pad_id, **kw)
+        batch["desirable"] = torch.tensor([bool(s["label"]) for s in samples])  # (P,)
+        return batch
+
+    def loss(self, model, batch: dict, full_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        logps, lengths = pair_logps(model, batch, full_logits)  # (P, 2) each
+        if batch.get("ref_logps") is None:
+            raise RuntimeError("kto needs the reference log-probs (Preference.start)")
+        desirable = batch["desirable"].to(logps.device)
+        losses, r, z0 = kto_losses(logps, batch["ref_logps"].to(logps), desirable, self.beta,
+                                   self.desirable_weight, self.undesirable_weight)
+        sign = desirable.float() * 2 - 1  # (P,) +1 desirable, -1 undesirable
+        margin = (sign * self.beta * (r - z0)).detach()  # > 0: the answer sits on its label's side of z0
+        stats = torch.stack([z0.expand_as(r), (margin > 0).float(), margin, logps[:, 0].detach(), lengths[:, 0]])
+        return losses.sum(), stats.sum(1).double().cpu()
+
+    def rewards(self, logps: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        """The implicit reward beta * r of each own answer (P,), as the eval ranks them."""
+        return self.beta * (logps[:, 0] - ref[:, 0])
+
+
 def robust_sigmoid_loss(h: torch.Tensor, eps: float) -> torch.Tensor:
     """-log sigmoid(h); with eps > 0 the robust (unbiased under flipped labels) form. ln 2 at h = 0."""
     if not eps:
@@ -278,5 +327,3 @@ class MetricWindow:
         self.n = 0
         return {k: v for k, v in out.items() if math.isfinite(v)}
 
-
-from chattune.training import kto  # noqa: E402,F401  (registers "kto"; it builds on Preference above)
