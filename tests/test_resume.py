@@ -203,7 +203,7 @@ def test_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tiny_dirs, tmp_
         fail, _ = _fail_on_call(2, code)  # the adapter of step 2
         lora = REGISTRY["lora"]
         monkeypatch.setitem(REGISTRY, "lora", dataclasses.replace(
-            lora, save=lambda m, d: fail(d / "adapter_model.safetensors") and lora.save(m, d)))
+            lora, save=lambda m, d, *state: fail(d / "adapter_model.safetensors") and lora.save(m, d, *state)))
     else:
         fail, _ = _fail_on_call(2, code)  # the metrics line of step 2
 

@@ -24,8 +24,17 @@ def get_method(name: str) -> Method:
 
 
 def all_methods() -> dict[str, Method]:
+    """Every method, in the same order whichever module was imported first: the method
+    modules in ``_load_all``'s order, each in its registration order."""
     _load_all()
-    return dict(REGISTRY)
+    order = [f"chattune.methods.{m}" for m in _MODULES]
+    def rank(m: Method) -> int:
+        return order.index(m.apply.__module__) if m.apply.__module__ in order else len(order)
+
+    return {m.name: m for m in sorted(REGISTRY.values(), key=rank)}
+
+
+_MODULES = ("peft_methods", "adapter", "full")  # the method modules, in the order they are listed
 
 
 def _load_all() -> None:
