@@ -12,10 +12,10 @@ ROOT = Path(__file__).parents[1]
 SUITE = ROOT / "benchmarks" / "gpu_suite.sh"
 
 
-def test_gpu_suite_dry_run_writes_a_line_per_part(tmp_path):
+def test_gpu_suite_dry_run_writes_a_line_per_part(tmp_path, shared_data):
     out = tmp_path / "suite.jsonl"
     res = subprocess.run([str(SUITE), "--dry-run", str(out)], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "CHATTUNE_DATA": str(shared_data)})
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["part"] for r in rows] == ["device", "throughput", "methods", "decode", "dpo", "eval"]
