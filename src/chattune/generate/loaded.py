@@ -8,7 +8,6 @@ model, and the base with the method switched off) and renders conversations to p
 from __future__ import annotations
 
 import contextlib
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 from transformers import AutoTokenizer
 
 from chattune.data import render_prompt_ids, stop_strings, turn_token_ids
-from chattune.engine import DEFAULTS, Answer, Engine, Request, SamplingParams, Variant
+from chattune.engine import DEFAULTS, Engine, Request, SamplingParams, Variant
 from chattune.methods import get_method
 from chattune.training.init_from import load_start_model
 from chattune.training import rundir
@@ -100,19 +99,3 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     if method.inference is not None:
         method.inference(model)
     return LoadedRun(cfg, model, tokenizer, method, run_dir)
-
-
-def stream_answer(run: LoadedRun, conversation: list[dict], *, variant: str = "tuned", max_new_tokens: int = 256,
-                  sampling: SamplingParams = DEFAULTS, out=None) -> Answer:
-    """One answer, streamed to ``out`` (default stdout) as it is decoded."""
-    out = out or sys.stdout
-
-    def write(text: str) -> None:
-        out.write(text)
-        out.flush()
-
-    engine = run.engine(base=variant == "base", max_batch=1)
-    answer = engine.run([run.request(conversation, max_new_tokens=max_new_tokens, sampling=sampling,
-                                     variant=variant, on_text=write)])[0]
-    out.write("\n")
-    return answer
