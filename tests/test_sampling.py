@@ -137,6 +137,29 @@ def test_greedy_rows_take_the_argmax_and_ignore_the_seed():
     assert choose(logits, [GREEDY, GREEDY], [123, None]) == [1, 0]
 
 
+def test_a_seeded_draw_is_gumbel_max_with_float64_noise_from_its_seed():
+    # The seeded stream is part of what a seed promises: eval reports (docs/evaluation.md)
+    # are seeded, so drawing the noise differently (float32) would change every figure.
+    hot = SamplingParams(1.0, 1.0, 0, 1.0)
+    order = torch.argsort(LOGITS, descending=True)
+    logp = torch.log_softmax(LOGITS[order], -1)
+    for seed in range(200):
+        u = torch.rand(len(LOGITS), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        gumbel = -torch.log(-torch.log(u)).float()
+        assert choose(LOGITS[None], [hot], [seed]) == [int(order[int((logp + gumbel).argmax())])], seed
+
+
+def test_every_tensor_choose_makes_sits_on_the_logits_device():
+    # A CUDA batch must never meet a CPU tensor. With the default device moved elsewhere
+    # (meta), any tensor made without device=logits.device breaks the draw on the CPU too.
+    logits = torch.stack([LOGITS, LOGITS.flip(0), LOGITS])
+    rows = [SamplingParams(1.0, 0.9, 3, 1.0), SamplingParams(2.0, 1.0, 0, 1.0), GREEDY]
+    for seeds in ([1, 2, None], [7, 8, None]):
+        want = choose(logits, rows, seeds)
+        with torch.device("meta"):
+            assert choose(logits, rows, seeds) == want
+
+
 # -- accepting a token -------------------------------------------------------------------------
 EOS = 9
 
