@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -16,7 +17,9 @@ from chattune.data import (
     resolve_template,
     stop_strings,
     tokenize_conversation,
+    turn_token_ids,
 )
+from chattune.data.render import turn_pieces
 from chattune.errors import UserError
 
 CONV = [{"role": "user", "content": "What is Python?"}, {"role": "assistant", "content": "A programming language."},
@@ -91,6 +94,8 @@ def test_prepare_stats(tiny_tokenizer):
         assert s["samples"] == len(samples)
         assert s["tokens"] == sum(len(x["input_ids"]) for x in samples)
         assert 0 < s["loss_tokens"] < s["tokens"] and s["p95_length"] >= s["median_length"]
+        assert s["loss_tokens"] == sum(sum(label != IGNORE_INDEX for label in x["labels"]) for x in samples)
+        assert s["loss_share"] == round(s["loss_tokens"] / s["tokens"], 4) > 0
         assert all(x["labels"][0] == IGNORE_INDEX for x in samples)
 
 
@@ -132,7 +137,7 @@ def test_generation_prompt_is_the_training_prefix(tiny_tokenizer, template):
         prompt = render_prompt_ids(CONV[:upto], tiny_tokenizer, template)
         assert ids[:len(prompt)] == prompt
         assert labels[len(prompt) - 1] == IGNORE_INDEX and labels[len(prompt)] != IGNORE_INDEX
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^render_prompt_ids needs a conversation that ends with a user turn$"):
         render_prompt_ids(CONV, tiny_tokenizer, template)
 
 
@@ -182,6 +187,30 @@ def test_answer_end_id_is_the_templates_end_of_turn(tiny_tokenizer, bos_tokenize
     assert answer_end_id("seed", tiny_tokenizer) == tiny_tokenizer.eos_token_id
     assert answer_end_id("auto", bos_tokenizer) == bos_tokenizer.eos_token_id
     assert answer_end_id("auto", with_template(bos_tokenizer, PLAIN)) == bos_tokenizer.eos_token_id  # '</s>'
+
+
+# ChatML, except that a later user turn opens by repeating the end-of-turn token and EOS.
+REOPENING = ("{% for m in messages %}{% if m['role'] == 'user' %}{% if not loop.first %}<|im_end|><|endoftext|>"
+             "{% endif %}<|im_start|>user\n{{ m['content'] }}<|im_end|>\n{% else %}<|im_start|>assistant\n"
+             "{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_stop_ids_open_the_next_turn_and_are_never_the_end_of_turn_or_eos(tiny_tokenizer):
+    im_start, im_end = (tiny_tokenizer.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>"))
+    assert turn_token_ids(tiny_tokenizer, "chat") == ((im_end,), (im_start,))
+    assert turn_token_ids(tiny_tokenizer, "seed") == ((), ())
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = REOPENING
+    assert turn_token_ids(tok, "auto") == ((im_end,), (im_start,))
+
+
+@pytest.mark.parametrize("template", ["seed", "chat", "auto"])
+def test_turn_pieces_are_the_rendered_text_piece_by_piece(tiny_tokenizer, template):
+    turns = turn_pieces(CONV, tiny_tokenizer, template)
+    assert [text for _, answer in turns for text, is_text in answer if is_text] == [CONV[1]["content"], CONV[3]["content"]]
+    ids, _ = tokenize_conversation(CONV, tiny_tokenizer, DataConfig(template=template))
+    assert "".join(t for prompt, answer in turns for t, _ in prompt + answer) == decode(tiny_tokenizer, ids)
 
 
 def test_auto_template_is_chat_with_a_template_and_seed_without(tiny_tokenizer, bos_tokenizer):
