@@ -1,7 +1,9 @@
-"""DPO speed and memory on one machine: chattune vs TRL's DPOTrainer, same model, pairs, LoRA and steps.
+"""DPO and KTO speed and memory on one machine: chattune vs TRL's DPOTrainer / KTOTrainer,
+same model, examples, LoRA and steps.
 
     python benchmarks/preference.py                 # smollm2-135m, Arena-Hard pairs, 20 steps of 4 pairs
     python benchmarks/preference.py --quick         # 3 steps of 2 pairs, answers cut to 256 tokens
+    python benchmarks/preference.py --objective kto # KTO: each step the 8 answers of 4 pairs
 
 The pairs are Arena-Hard v0.1's (../shared/data/arena_hard_v0.1.jsonl): gpt-4-0314's answer
 chosen over gpt-3.5-turbo-0125's, selected by chattune's pair pipeline (training split),
@@ -20,24 +22,32 @@ Tokens are the pairs' non-padding tokens (prompt + answer, chosen and rejected).
 counts every step but the first (one-time set-up) and, for chattune, adds its one reference
 pass to the time: the work TRL does inside its steps. The last line is one JSON object with
 ``vs_trl`` (chattune packed tokens/s over TRL's) and ``peak_rss_mb`` per system.
+
+KTO (``--objective kto``) trains on the same pairs unpaired, as TRL's unpaired format
+``{prompt, completion, label}``: each step the ``batch`` pairs' chosen answers (desirable)
+then their rejected ones (undesirable), ``2 x batch`` rows a step, fed in file order to both
+(``--format unpaired``; TRL's sequential sampler). Every answer is scored with a mismatched
+one (another prompt's answer) for the reference point z0: chattune's second segment, TRL's
+KL rows, both counted in tokens. TRL's reference is again the adapter switched off. The
+JSON line then has ``vs_trl_kto`` and ``rss_vs_trl_kto`` (packed chattune over TRL) instead of
+``vs_trl``/``rss_vs_trl``. The TRL side is ``benchmarks/_pref_trl.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from _pref_trl import BETA, LORA, LR, REPO, run_trl_dpo, run_trl_kto  # noqa: E402
+
 SHARED = next((p for p in (REPO.parent / "shared", Path("/work/shared")) if p.is_dir()), REPO.parent / "shared")
 DATA = SHARED / "data" / "arena_hard_v0.1.jsonl"
-LORA = {"r": 8, "alpha": 16, "dropout": 0.05}
-LR, BETA = 5e-5, 0.1
 
 
 def select_pairs(data: Path, chosen: str, rejected: str, n: int) -> list[dict]:
@@ -54,17 +64,28 @@ def select_pairs(data: Path, chosen: str, rejected: str, n: int) -> list[dict]:
              "rejected": p["rejected"][1]["content"]} for p in pairs]
 
 
+def unpaired_rows(pairs: list[dict], batch: int) -> list[dict]:
+    """KTO's rows: per step of ``batch`` pairs, their chosen answers then their rejected ones."""
+    rows = []
+    for start in range(0, len(pairs), batch):
+        step = pairs[start:start + batch]
+        rows += [{"id": f"{p['id']}:{side}", "prompt": p["prompt"], "completion": p[side], "label": side == "chosen"}
+                 for side in ("chosen", "rejected") for p in step]
+    return rows
+
+
 def run_chattune(spec: dict, packing: bool) -> dict:
     out = Path(spec["work"]) / ("packed" if packing else "chattune")
-    cmd = [sys.executable, "-m", "chattune.cli", "train", "--objective", "dpo", "--method", "lora",
-           "--model", spec["model"], "--dataset", spec["pairs"], "--format", "pairs", "--output-dir", str(out),
-           "--batch-size", str(spec["batch"]), "--max-length", str(spec["max_length"]), "--lr", str(LR),
+    fmt = "unpaired" if spec["objective"] == "kto" else "pairs"
+    cmd = [sys.executable, "-m", "chattune.cli", "train", "--objective", spec["objective"], "--method", "lora",
+           "--model", spec["model"], "--dataset", spec["rows"], "--format", fmt, "--output-dir", str(out),
+           "--batch-size", str(spec["rows_per_step"]), "--max-length", str(spec["max_length"]), "--lr", str(LR),
            "--precision", "auto", "--packing" if packing else "--no-packing", "--json",
            "--set", "data.val_ratio=0", "--set", "data.test_ratio=0", "--set", "data.dedup=false",
            "--set", "train.warmup_ratio=0", "--set", "train.log_every=1", "--set", f"train.beta={BETA}",
            "--set", f"method.lora.r={LORA['r']}", "--set", f"method.lora.alpha={LORA['alpha']}",
            "--set", f"method.lora.dropout={LORA['dropout']}", "--set", f"train.save_every={10**6}"]
-    # the same pairs: every pair once (the token budget ends a packed run when all are seen)
+    # the same rows: every row once (the token budget ends a packed run when all are seen)
     cmd += ["--max-tokens", str(spec["tokens"])] if packing else ["--max-steps", str(spec["steps"])]
     t0 = time.perf_counter()
     env = {**_env(), "PYTHONPATH": str(REPO / "src")}
@@ -79,58 +100,6 @@ def run_chattune(spec: dict, packing: bool) -> dict:
     seconds = [m["step_seconds"] for m in steps]
     return {"tokens": tokens, "seconds": seconds, "reference_seconds": ref_s, "losses": [m["loss"] for m in steps],
             "peak_rss_mb": summary["peak_memory_mb"], "wall_s": time.perf_counter() - t0}
-
-
-def run_trl(spec: dict) -> dict:
-    """In this (child) process: TRL's DPOTrainer on the same pairs."""
-    import torch
-    from datasets import Dataset
-    from peft import LoraConfig, TaskType
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
-
-    sys.path.insert(0, str(REPO / "src"))
-    from chattune.data.render import SEED_ASSISTANT, SEED_USER
-    from chattune.models.loading import autocast_dtype, default_targets, resolve
-
-    path = resolve(spec["model"])
-    tok = AutoTokenizer.from_pretrained(path)
-    tok.pad_token = tok.pad_token or tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
-    kind = model.config.model_type
-    rows = [{"prompt": f"{SEED_USER}{p['prompt']}{SEED_ASSISTANT}", "chosen": p["chosen"], "rejected": p["rejected"]}
-            for p in map(json.loads, Path(spec["pairs"]).read_text().splitlines())]
-    lora = LoraConfig(task_type=TaskType.CAUSAL_LM, r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                      target_modules=default_targets(kind), fan_in_fan_out=kind == "gpt2")
-    args = DPOConfig(output_dir=str(Path(spec["work"]) / "trl"), max_steps=spec["steps"], beta=BETA,
-                     per_device_train_batch_size=spec["batch"], learning_rate=LR, lr_scheduler_type="cosine",
-                     warmup_steps=0, bf16=autocast_dtype("auto", torch.device("cpu")) is not None, use_cpu=not torch.cuda.is_available(), logging_steps=1,
-                     report_to=[], save_strategy="no", gradient_checkpointing=False,
-                     max_length=spec["max_length"], precompute_ref_log_probs=spec["trl_precompute"],
-                     dataloader_num_workers=0, seed=0)
-    log = {"tokens": [], "ends": [], "t0": None}
-
-    class Clock(TrainerCallback):
-        def on_train_begin(self, *a, **kw):
-            log["t0"] = time.perf_counter()
-
-        def on_step_end(self, *a, **kw):
-            log["ends"].append(time.perf_counter())
-
-    class Timed(DPOTrainer):
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            log["tokens"].append(int(inputs["attention_mask"].sum()))  # chosen + rejected rows, no padding
-            return super().training_step(model, inputs, num_items_in_batch)
-
-    trainer = Timed(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
-                    peft_config=lora, callbacks=[Clock()])
-    t_ref = time.perf_counter()
-    trainer.train()
-    starts = [log["t0"]] + log["ends"][:-1]
-    return {"tokens": log["tokens"], "seconds": [b - a for a, b in zip(starts, log["ends"])],
-            "reference_seconds": 0.0, "setup_to_end_s": time.perf_counter() - t_ref,
-            "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def _env() -> dict:
@@ -148,6 +117,7 @@ def rate(r: dict) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--objective", choices=["dpo", "kto"], default="dpo")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--chosen-model", default="gpt-4-0314")
@@ -161,16 +131,21 @@ def main() -> None:
     ap.add_argument("--child", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        Path(a.child[1]).write_text(json.dumps(run_trl(json.loads(Path(a.child[0]).read_text()))))
+        spec = json.loads(Path(a.child[0]).read_text())
+        run_trl = run_trl_kto if spec["objective"] == "kto" else run_trl_dpo
+        Path(a.child[1]).write_text(json.dumps(run_trl(spec)))
         return
     if a.quick:
         a.steps, a.batch, a.max_length = 3, 2, 256
     work = Path(a.work_dir or tempfile.mkdtemp(prefix="chattune-pref-"))
     work.mkdir(parents=True, exist_ok=True)
     pairs = select_pairs(Path(a.data), a.chosen_model, a.rejected_model, a.steps * a.batch)
-    (work / "pairs.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
-    spec = {"model": a.model, "pairs": str(work / "pairs.jsonl"), "work": str(work), "steps": a.steps,
-            "batch": a.batch, "max_length": a.max_length, "trl_precompute": a.trl_precompute}
+    kto = a.objective == "kto"
+    rows = unpaired_rows(pairs, a.batch) if kto else pairs
+    (work / "rows.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    spec = {"objective": a.objective, "model": a.model, "rows": str(work / "rows.jsonl"), "work": str(work),
+            "steps": a.steps, "rows_per_step": 2 * a.batch if kto else a.batch, "max_length": a.max_length,
+            "trl_precompute": a.trl_precompute}
     results = {"chattune": run_chattune(spec, packing=False)}
     spec["tokens"] = sum(results["chattune"]["tokens"])  # the packed run sees exactly these pairs' tokens
     results["packed"] = run_chattune(spec, packing=True)
@@ -185,10 +160,13 @@ def main() -> None:
     for name, r in results.items():
         print(f"{name:10s}{len(r['seconds']):7d}{sum(r['tokens']):9d}{rate(r):10.0f}{r['reference_seconds']:8.1f}"
               f"{r['peak_rss_mb']:13.0f}{r['losses'][0]:9.4f}{r['losses'][-1]:9.4f}")
-    print(json.dumps({"model": a.model, "steps": a.steps, "pairs_per_step": a.batch, "max_length": a.max_length,
+    suffix = "_kto" if kto else ""
+    print(json.dumps({"objective": a.objective, "model": a.model, "steps": a.steps, "pairs_per_step": a.batch,
+                      "rows_per_step": spec["rows_per_step"], "max_length": a.max_length,
                       "trl_precompute": a.trl_precompute, "tokens_per_s": {k: rate(r) for k, r in results.items()},
-                      "vs_trl": rate(results["packed"]) / rate(results["trl"]),
-                      "vs_trl_same_batches": rate(results["chattune"]) / rate(results["trl"]),
+                      f"vs_trl{suffix}": rate(results["packed"]) / rate(results["trl"]),
+                      f"vs_trl{suffix}_same_batches": rate(results["chattune"]) / rate(results["trl"]),
+                      f"rss_vs_trl{suffix}": results["packed"]["peak_rss_mb"] / results["trl"]["peak_rss_mb"],
                       "peak_rss_mb": {k: r["peak_rss_mb"] for k, r in results.items()},
                       "step0_loss": {k: r["losses"][0] for k, r in results.items()},
                       "final_loss": {k: r["losses"][-1] for k, r in results.items()}}))
