@@ -62,7 +62,8 @@ from chattune.models import attention
 from chattune.engine import cache as kv
 from chattune.engine.lane import Lane, Row
 from chattune.engine.lookup import DRAFT_TOKENS, Lookup
-from chattune.engine.packed import PackedLinears
+from chattune.engine.lean import LeanDecoder
+from chattune.engine.packed import PackedLinears, available_bytes
 from chattune.engine.requests import Answer, PromptTooLong, Request
 from chattune.engine.sampling import choose, noise_seed, penalise
 from chattune.engine.step import step_inputs
@@ -110,10 +111,12 @@ class Engine:
         dtype: autocast dtype for the forward passes (None: the weights' own).
         draft_tokens: the most tokens a row proposes from its own history and checks in
             the step's forward (``engine/lookup.py``); 0 turns this off.
+        lean_steps: decode Llama-family models through the lean step (``engine/lean.py``)
+            where it applies; False: always through the model's own forward.
     """
 
     def __init__(self, variants: dict[str, Variant], tokenizer, eos_id: int, *, max_batch: int = 16,
-                 dtype: torch.dtype | None = None, draft_tokens: int = DRAFT_TOKENS):
+                 dtype: torch.dtype | None = None, draft_tokens: int = DRAFT_TOKENS, lean_steps: bool = True):
         if max_batch < 1:
             raise UserError("max_batch must be >= 1")
         if draft_tokens < 0:
@@ -129,11 +132,13 @@ class Engine:
         self.lane_of = {name: v.lane or name for name, v in variants.items()}
         self.lanes = {lane: Lane(max_batch + self.slack) for lane in self.lane_of.values()}
         self.finished: list[Answer] = []
-        by_model: dict[int, PackedLinears] = {}  # variants of one model share its packed weights
+        by_model: dict[int, tuple[PackedLinears, LeanDecoder | None]] = {}  # variants of one model share these
         for v in variants.values():
             if id(v.inner) not in by_model:
-                by_model[id(v.inner)] = PackedLinears(v.inner)
-        self.packed = {name: by_model[id(v.inner)] for name, v in variants.items()}
+                by_model[id(v.inner)] = _packed(v.inner, any(w.route and w.inner is v.inner for w in variants.values()),
+                                                lean_steps)
+        self.packed = {name: by_model[id(v.inner)][0] for name, v in variants.items()}
+        self.lean = {name: by_model[id(v.inner)][1] for name, v in variants.items()}
 
     # -- public ----------------------------------------------------------------------
     def add(self, request: Request) -> Request:
@@ -299,10 +304,7 @@ class Engine:
             if step.flat:
                 kv.write(lane.cache, step.writes)
                 names = [names[i] for i in step.owners]
-            with self._context(names), self._autocast(), self.packed[names[0]]():
-                out = variant.inner(input_ids=step.ids, position_ids=step.positions, attention_mask=step.mask,
-                                    past_key_values=lane.cache, use_cache=True, **step.extra)
-        logits = out.logits[:, -1, :]  # (N, V)
+            logits = self._forward(variant, names, lane, step, ours)  # (N, V)
         firsts = step.firsts
         chosen = self._choose(logits[firsts] if step.flat else logits, rows, lane.seen)
         # a greedy row without a penalty chooses by its logits alone: its drafts' choices at once
@@ -334,6 +336,18 @@ class Engine:
                 r.lag += moved - a
         if len(keep) < len(rows):
             lane.drop(keep)
+
+    def _forward(self, variant: Variant, names: list[str], lane: Lane, step, ours: bool) -> torch.Tensor:
+        """The step's logits (N, V): the lean step where it computes what the model's own
+        forward does (``engine/lean.py``), else that forward."""
+        lean = self.lean[names[0]]
+        with self._context(names):
+            if lean is not None and ours and self.dtype is None and len(set(names)) == 1 and lean.ready():
+                return lean(step.ids, step.positions, lane.cache, step.extra.get("kv_plan"))
+            with self._autocast(), self.packed[names[0]]():
+                out = variant.inner(input_ids=step.ids, position_ids=step.positions, attention_mask=step.mask,
+                                    past_key_values=lane.cache, use_cache=True, **step.extra)
+        return out.logits[:, -1, :]
 
     def _draft(self, row: Row) -> list[int]:
         """Tokens to check along with ``row``'s next one (``engine/lookup.py``): a drafted
@@ -377,6 +391,21 @@ class Engine:
         text = row.text.finish() if row.done != "stop" else row.text.text
         self.finished.append(Answer(row.req.tag, text, row.tokens, row.done, len(row.req.prompt_ids),
                                     time.perf_counter() - row.started, row.req))
+
+
+def _packed(model: torch.nn.Module, routed: bool, lean_steps: bool) -> tuple[PackedLinears, LeanDecoder | None]:
+    """``model``'s packed linears and its lean decode step (None where it has none). The
+    packed linears leave out what the lean step fuses, unless a mixed LoRA lane (``routed``)
+    decodes through the model's own forward; the lean step is skipped when its fused copies
+    would take more than half of the memory available."""
+    lean = LeanDecoder.build(model) if lean_steps else None
+    free = available_bytes()
+    if lean is not None and free is not None and 2 * sum(m.weight.nbytes for m in lean.fused) > free:
+        lean = None
+    packed = PackedLinears(model, frozenset() if routed or lean is None else frozenset(map(id, lean.fused)))
+    if lean is not None:
+        lean.share(packed)
+    return packed, lean
 
 
 def _plain(row: Row) -> bool:

@@ -35,7 +35,7 @@ from transformers.pytorch_utils import Conv1D
 MIN_ELEMENTS = 65_536  # weights smaller than this (LoRA's A and B) stay on F.linear
 
 
-def _available_bytes() -> int | None:
+def available_bytes() -> int | None:
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # not Linux-like: no guard to apply
@@ -45,12 +45,19 @@ def _available_bytes() -> int | None:
 class PackedLinears:
     """The plain float32 CPU linear modules of ``model`` and their packed weights."""
 
-    def __init__(self, model: torch.nn.Module):
-        self.modules = [m for m in model.modules() if _packable(m, MIN_ELEMENTS)]
-        free = _available_bytes()
+    def __init__(self, model: torch.nn.Module, exclude: frozenset[int] = frozenset()):
+        """``exclude``: ids of modules left on ``F.linear`` (the lean decode step holds
+        them packed in fused form, ``engine/lean.py``)."""
+        self.modules = [m for m in model.modules() if _packable(m, MIN_ELEMENTS) and id(m) not in exclude]
+        self.ids = {id(m) for m in self.modules}
+        free = available_bytes()
         if free is not None and 2 * sum(m.weight.nbytes for m in self.modules) > free:
             self.modules = []
         self.cache: dict[int, tuple[tuple, object]] = {}  # id(module) -> (weight key, packed forward)
+
+    def forward_of(self, m: torch.nn.Module):
+        """``m``'s packed forward, or None when ``m`` is not packed here."""
+        return self._forward(m) if id(m) in self.ids else None
 
     def _forward(self, m: torch.nn.Module):
         """``m``'s packed forward, packed again when its weight changed since."""
