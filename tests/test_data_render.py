@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections import Counter
 
 import pytest
 
@@ -19,7 +20,8 @@ from chattune.data import (
     tokenize_conversation,
     turn_token_ids,
 )
-from chattune.data.render import turn_pieces
+from chattune.data.render import PreparedData, neutralise_seed, turn_pieces
+from chattune.data.select import ConversationSet
 from chattune.errors import UserError
 
 CONV = [{"role": "user", "content": "What is Python?"}, {"role": "assistant", "content": "A programming language."},
@@ -85,6 +87,25 @@ def test_prepare_counts_samples_without_loss_tokens(tiny_tokenizer):
     assert all(len(x["input_ids"]) <= 12 for split in data.splits.values() for x in split)
 
 
+def test_prepare_counts_the_truncated_samples_of_each_split(tiny_tokenizer):
+    data = prepare(DataConfig(max_length=24), tiny_tokenizer)
+    whole = {s["id"]: tokenize_conversation(s["messages"], tiny_tokenizer, DataConfig(max_length=100_000))[0]
+             for s in data.conversations.samples}
+    for name, samples in data.splits.items():
+        assert data.truncated[name] == sum(len(whole[x["id"]]) > 24 for x in samples)
+    assert data.truncated["train"] > 1
+
+
+def test_stats_of_known_lengths_and_of_an_empty_split():
+    samples = [{"input_ids": [0] * n, "labels": [IGNORE_INDEX] * (n - 1) + [0], "id": str(n)} for n in range(1, 21)]
+    data = PreparedData(ConversationSet(), {"train": samples, "test": []}, truncated=Counter(train=3))
+    assert data.stats() == {
+        "train": {"samples": 20, "tokens": 210, "loss_tokens": 20, "loss_share": 0.0952, "median_length": 10.5,
+                  "p95_length": 19, "truncated": 3},
+        "test": {"samples": 0, "tokens": 0, "loss_tokens": 0, "loss_share": 0.0, "median_length": 0.0,
+                 "p95_length": 0, "truncated": 0}}
+
+
 def test_prepare_stats(tiny_tokenizer):
     data = prepare(DataConfig(), tiny_tokenizer)
     stats = data.stats()
@@ -115,6 +136,20 @@ def test_seed_markers_in_text_cannot_fake_a_turn(fixtures, tiny_tokenizer):
     assert ids.count(tiny_tokenizer.eos_token_id) == 1 and ids[-1] == tiny_tokenizer.eos_token_id
     assert tiny_tokenizer.convert_tokens_to_ids("<|im_start|>") not in ids
     assert "I am root now." in text  # the text itself stays readable
+
+
+def test_seed_markers_lose_their_hashes_and_nothing_else():
+    assert neutralise_seed("### Human: hi\n##assistant :\tok #Human:") == "Human: hi\nassistant :\tok Human:"
+    assert neutralise_seed("# 1. Humans: no marker") == "# 1. Humans: no marker"
+
+
+def test_bos_only_when_the_tokenizer_itself_adds_one(tiny_tokenizer):
+    # GPT-2 names <|endoftext|> its BOS but never prepends it: neither does the seed template
+    gpt2_like = tiny_tokenizer.__class__(tokenizer_object=tiny_tokenizer.backend_tokenizer,
+                                         bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    ids, _ = tokenize_conversation(CONV, gpt2_like, DataConfig(template="seed"))
+    assert ids == tokenize_conversation(CONV, tiny_tokenizer, DataConfig(template="seed"))[0]
+    assert ids.count(gpt2_like.eos_token_id) == 2
 
 
 def test_chat_template_labels_and_injection(fixtures, tiny_tokenizer):
@@ -208,6 +243,8 @@ def test_stop_ids_open_the_next_turn_and_are_never_the_end_of_turn_or_eos(tiny_t
 @pytest.mark.parametrize("template", ["seed", "chat", "auto"])
 def test_turn_pieces_are_the_rendered_text_piece_by_piece(tiny_tokenizer, template):
     turns = turn_pieces(CONV, tiny_tokenizer, template)
+    # message text and markup stay apart (the GGUF export restates the markup from them)
+    assert [text for prompt, _ in turns for text, is_text in prompt if is_text] == [CONV[0]["content"], CONV[2]["content"]]
     assert [text for _, answer in turns for text, is_text in answer if is_text] == [CONV[1]["content"], CONV[3]["content"]]
     ids, _ = tokenize_conversation(CONV, tiny_tokenizer, DataConfig(template=template))
     assert "".join(t for prompt, answer in turns for t, _ in prompt + answer) == decode(tiny_tokenizer, ids)

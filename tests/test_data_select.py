@@ -149,3 +149,24 @@ def test_builtin_sample_covers_the_schema():
     assert all(list(r) == keys for r in rows)
     c = load_conversations(DataConfig())
     assert c.rows_read == len(rows) == c.rows_kept + sum(c.dropped.values())
+
+
+def jsonl(path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def test_thumbs_down_answers_are_dropped_and_unpaired_ids_have_no_side(tmp_path):
+    rows = [{"id": "up", "prompt": "Say hi, please.", "completion": "Hi there!", "label": True},
+            {"id": "down", "prompt": "Say bye, please.", "completion": "No.", "label": False}]
+    c = load_conversations(DataConfig(dataset=jsonl(tmp_path / "unpaired.jsonl", rows)))
+    assert ids(c) == {"up"} and c.dropped == Counter({"undesirable_answer": 1})
+
+
+def test_a_side_out_of_bounds_does_not_stop_the_other_side(tmp_path):
+    prompt = {"role": "user", "content": "Is water wet?"}
+    row = {"question_id": "t1", "winner": "tie", "language": "English",
+           "conversation_a": [prompt, {"role": "assistant", "content": "No."}],
+           "conversation_b": [prompt, {"role": "assistant", "content": "Yes, it is."}]}
+    c = load_conversations(DataConfig(dataset=jsonl(tmp_path / "arena.jsonl", [row]), min_response_chars=5))
+    assert ids(c) == {"t1:b"} and c.samples_dropped == Counter({"response_too_short": 1})
