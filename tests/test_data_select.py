@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from importlib import resources
 
@@ -170,3 +171,14 @@ def test_a_side_out_of_bounds_does_not_stop_the_other_side(tmp_path):
            "conversation_b": [prompt, {"role": "assistant", "content": "Yes, it is."}]}
     c = load_conversations(DataConfig(dataset=jsonl(tmp_path / "arena.jsonl", [row]), min_response_chars=5))
     assert ids(c) == {"t1:b"} and c.samples_dropped == Counter({"response_too_short": 1})
+
+
+@pytest.mark.parametrize("winner, reason, message", [(None, "missing_field", "no 'winner' (needed by --side winner)"),
+                                                     ("model_c", "unknown_winner", "winner 'model_c'")])
+def test_a_missing_or_unknown_vote_is_bad_input(tmp_path, winner, reason, message):
+    turns = [{"role": "user", "content": "Is water wet?"}, {"role": "assistant", "content": "Yes, it is."}]
+    row = {"question_id": "v1", "conversation_a": turns, "conversation_b": turns, **({"winner": winner} if winner else {})}
+    path = jsonl(tmp_path / "arena.jsonl", [row])
+    assert load_conversations(DataConfig(dataset=path)).dropped == Counter({reason: 1})
+    with pytest.raises(UserError, match=re.escape(f": {reason}: {message} (drop --strict")):
+        load_conversations(DataConfig(dataset=path, strict=True))
