@@ -9,10 +9,11 @@ shared arena conversations, greedy, EOS or ``--max-new-tokens``) are answered by
 - ``hf_generate_batch``: transformers' own continuous batching (``generate_batch``),
   where it runs;
 - ``chattune``: ``chattune.engine.Engine`` with C slots (continuous batching);
-- ``llamacpp``: llama.cpp through llama-cpp-python, on the first model's weights as
-  ``chattune export --format gguf`` writes them (f32, f16, q8_0), one sequence at a time
-  against the engine with one slot (``llamacpp_system.py``; skipped when ``llama_cpp``
-  does not import: ``make llamacpp``).
+- ``llamacpp``: llama.cpp through llama-cpp-python's C API, on the first model's weights
+  as ``chattune export --format gguf`` writes them (f32, f16, q8_0), at one sequence and
+  at 16 (continuous batching in one llama.cpp context), greedy and sampled, against the
+  engine with 1 and 16 slots (``llamacpp_system.py``; skipped when ``llama_cpp`` does not
+  import: ``make llamacpp``).
 Tokens/s counts answer tokens (EOS and padding excluded), all systems timed in one
 process, taking turns: with ``--rounds R`` each system runs the workload R times,
 alternating which goes first, and the rates are over the summed tokens and seconds (this
@@ -37,9 +38,11 @@ row reports the answers' median and maximum length and the share at the limit.
     .venv/bin/python benchmarks/generation.py             # both models, both templates, C = 1, 4, 16, 64, 256 tokens
     .venv/bin/python benchmarks/generation.py --drafts    # ~2 min: one sequence, speculative steps off and on
     .venv/bin/python benchmarks/generation.py --phases    # ~1 min: the --quick workload's engine run, phases timed
+    .venv/bin/python benchmarks/generation.py --llamacpp  # ~10 min: only the llama.cpp rows (SmolLM2, chat template)
 
-The last line is one JSON object with ``vs_hf_batched_16``, ``vs_hf_single`` and
-``vs_llamacpp_single`` (the engine at one sequence over llama.cpp at f32).
+The last line is one JSON object with ``vs_hf_batched_16``, ``vs_hf_single``,
+``vs_llamacpp_single`` and ``vs_llamacpp_16`` (the engine over llama.cpp at f32, the
+engine's precision, greedy; ``_sampled`` for the shipped sampling).
 """
 
 from __future__ import annotations
@@ -332,6 +335,8 @@ def main() -> None:
                     help="only the speculative-steps check: one sequence, drafts off and on (about 2 min)")
     ap.add_argument("--phases", action="store_true",
                     help="only one engine run of the --quick workload with its phases timed (about 1 min)")
+    ap.add_argument("--llamacpp", action="store_true",
+                    help="only the llama.cpp rows: 1 and 16 sequences, greedy and sampled (about 10 min)")
     args = ap.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)
@@ -342,6 +347,12 @@ def main() -> None:
         return
     if args.drafts:
         result = {"threads": torch.get_num_threads(), "drafts": drafts_check("smollm2-135m", args.max_new_tokens or 128)}
+        print(json.dumps(result))
+        return
+    if args.llamacpp:
+        result = {"threads": torch.get_num_threads(), "llamacpp": llamacpp(args.models.split(",")[0], "auto", 8,
+                                                                           args.max_new_tokens or 128, args.rounds or 1)}
+        result.update({k: v for k, v in result["llamacpp"].items() if k.startswith("vs_llamacpp_")})
         print(json.dumps(result))
         return
     models = ["smollm2-135m"] if args.quick else args.models.split(",")
@@ -366,13 +377,19 @@ def main() -> None:
     result["headline"] = f"{models[0]}/{templates[0]}"
     result["vs_hf_batched_16"] = at16["vs_hf_batched"]
     result["vs_hf_single"] = at16["vs_hf_single"]
-    model, tok = load(models[0])
-    prompts = prompts_for(tok, 4 if args.quick else 8, template=templates[0])
-    result["llamacpp"] = llamacpp_system.table(model, tok, _data.model_dir(models[0]), templates[0], prompts,
-                                               max_new, rounds=args.rounds or 1)
-    print(f"[{models[0]}] llama.cpp at 1 sequence: {json.dumps(result['llamacpp'])}", flush=True)
-    result["vs_llamacpp_single"] = result["llamacpp"].get("vs_llamacpp_single")
+    result["llamacpp"] = llamacpp(models[0], templates[0], 4 if args.quick else 8, max_new, args.rounds or 1)
+    result.update({k: v for k, v in result["llamacpp"].items() if k.startswith("vs_llamacpp_")})
     print(json.dumps(result))
+
+
+def llamacpp(name: str, template: str, single: int, max_new: int, rounds: int) -> dict:
+    """llama.cpp against the engine: ``single`` prompts one at a time, 32 at 16 sequences."""
+    model, tok = load(name)
+    prompts = prompts_for(tok, 32, template=template)
+    out = llamacpp_system.table(model, tok, _data.model_dir(name), template, prompts[:single], max_new,
+                                rounds=rounds, wide_prompts=prompts)
+    print(f"[{name}] llama.cpp: {json.dumps(out)}", flush=True)
+    return out
 
 
 if __name__ == "__main__":

@@ -193,12 +193,13 @@ class LeanDecoder:
         cos, sin = self.rotary(h, positions)  # (N, 1, d)
         cos, sin = cos[:, None], sin[:, None]  # (N, 1, 1, d): heads, then the one position
         dq, dk = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        heads = self.heads + self.kv_heads
         for i, (norm1, qkv, o, norm2, gate_up, down, scaling) in enumerate(self.layers):
             x = _rms(h, norm1)
-            q, k, v = qkv(x).split((dq, dk, dk), dim=-1)
-            q = _rotate(q.view(n, self.heads, 1, self.head_dim), cos, sin)
-            k = _rotate(k.view(n, self.kv_heads, 1, self.head_dim), cos, sin)
-            keys, values = cache.layers[i].update(k, v.view(n, self.kv_heads, 1, self.head_dim))
+            y = qkv(x)  # (N, dq + 2 dk)
+            qk = _rotate(y[:, :dq + dk].view(n, heads, 1, self.head_dim), cos, sin)  # q and k heads in one go
+            q, k = qk[:, :self.heads], qk[:, self.heads:]
+            keys, values = cache.layers[i].update(k, y[:, dq + dk:].view(n, self.kv_heads, 1, self.head_dim))
             out, _ = segment_attention(None, q, keys, values, None, scaling=scaling, kv_plan=plan)  # (N, 1, H, d)
             h = h + o(out.reshape(n, dq))
             g, u = gate_up(_rms(h, norm2)).chunk(2, dim=-1)
@@ -223,8 +224,9 @@ def _original(m: torch.nn.Module) -> bool:
 
 
 def _rms(h: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
-    """transformers' LlamaRMSNorm on float32 ``h``, operation for operation."""
-    return norm.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon))
+    """transformers' LlamaRMSNorm on float32 ``h``, as torch's one fused operator (equal to
+    its six to float rounding)."""
+    return F.rms_norm(h, norm.weight.shape, norm.weight, norm.variance_epsilon)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
