@@ -184,7 +184,7 @@ def test_bos_added_once_when_the_tokenizer_uses_one(bos_tokenizer):
 
 
 def test_chat_template_problems_are_user_errors(bos_tokenizer, tiny_tokenizer):
-    with pytest.raises(UserError, match="no chat template"):
+    with pytest.raises(UserError, match="^the tokenizer has no chat template; use --template seed$"):
         tokenize_conversation(CONV, bos_tokenizer, DataConfig(template="chat"))
     tok = tiny_tokenizer.__class__(tokenizer_object=tiny_tokenizer.backend_tokenizer, eos_token="<|endoftext|>")
     tok.chat_template = "{{ messages | length }} messages: {% for m in messages %}{{ m['content'] }}{% endfor %}"
