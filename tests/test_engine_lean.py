@@ -11,6 +11,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from chattune.engine import GREEDY, Engine, Request, SamplingParams, Variant
 from chattune.engine.lean import LeanDecoder
+from chattune.errors import UserError
 from chattune.methods import get_method
 from tiny import make_model, make_tokenizer
 
@@ -174,3 +175,47 @@ def test_the_lean_step_follows_weights_changed_in_place(tokenizer):
     after = [a.token_ids for a in engine.run([Request(p, max_new_tokens=12, sampling=GREEDY) for p, _ in prompts])]
     want, _ = decode(variants, tokenizer, prompts, lean=False, max_batch=3)
     assert after == want and after != before
+
+
+def test_float16_weights_decode_through_the_lean_step_near_float32(tokenizer):
+    model = with_method("lora", make_model("llama", len(tokenizer)).eval(), tokenizer)
+    variants = {"tuned": Variant(model)}
+    reqs = [Request(p, max_new_tokens=8, sampling=GREEDY) for p in PROMPTS]
+    want = Recording(variants, tokenizer, eos_id=-1, max_batch=1, draft_tokens=0)
+    want.run(reqs)
+    for weights in ("float16", "bfloat16"):
+        half = Recording(variants, tokenizer, eos_id=-1, max_batch=1, draft_tokens=0, weights=weights)
+        half.run([Request(p, max_new_tokens=8, sampling=GREEDY) for p in PROMPTS])
+        assert half.lean_steps > 0
+        lean = next(v for v in half.lean.values()).lean
+        assert lean.head.weights == torch.float32 and lean.layers[0][1].weights == getattr(torch, weights)
+        # the logits of the first decode step (the prefill's come first, in float32 for both),
+        # after the same first token
+        a, b = half.logits[1], want.logits[1]
+        assert torch.equal(half.logits[0], want.logits[0])
+        assert not torch.equal(a, b)  # the weights are rounded: not the float32 step
+        torch.testing.assert_close(a, b, atol=0.05 if weights == "bfloat16" else 0.01, rtol=0.02)
+    with pytest.raises(UserError, match="unknown decode weights 'int8'"):
+        Engine(variants, tokenizer, eos_id=-1, weights="int8")
+
+
+def test_an_engine_takes_over_the_weight_copies_of_the_last_one(tokenizer):
+    model = make_model("llama", len(tokenizer)).eval()
+    first = Engine({"tuned": Variant(model)}, tokenizer, eos_id=-1, max_batch=1)
+    again = Engine({"tuned": Variant(model)}, tokenizer, eos_id=-1, max_batch=1, share=first)
+    assert again.lean["tuned"] is first.lean["tuned"] and again.packed["tuned"] is first.packed["tuned"]
+    other = Engine({"tuned": Variant(model)}, tokenizer, eos_id=-1, max_batch=1, share=first, weights="float16")
+    assert other.lean["tuned"] is not first.lean["tuned"]  # other copies: not shared
+    fresh = Engine({"tuned": Variant(make_model("llama", len(tokenizer)).eval())}, tokenizer, eos_id=-1, share=first)
+    assert fresh.lean["tuned"] is not first.lean["tuned"]  # another model: its own
+
+
+def test_chat_and_serve_take_the_decode_weights(tokenizer):
+    from chattune.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["chat", "run", "--decode-weights", "float16"]).decode_weights == "float16"
+    assert parser.parse_args(["chat", "run"]).decode_weights == "float32"
+    assert parser.parse_args(["serve", "run", "--decode-weights", "bfloat16"]).decode_weights == "bfloat16"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["chat", "run", "--decode-weights", "int8"])

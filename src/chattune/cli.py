@@ -60,7 +60,8 @@ def cmd_chat(args) -> int:
     from chattune.generate.chat import chat, sampling_of
     from chattune.generate.loaded import load_run
 
-    bot = Chatbot(load_run(args.run_dir), base=args.base)  # a run only: chattune.load also takes plain models
+    bot = Chatbot(load_run(args.run_dir), base=args.base,  # a run only: chattune.load also takes plain models
+                  decode_weights=args.decode_weights)
     return chat(bot, args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling_of(args))
 
 
@@ -140,7 +141,16 @@ def _add_chat(sub) -> None:
     p.add_argument("--repetition-penalty", type=float, help=f"on generated tokens only (default {d.repetition_penalty})")
     p.add_argument("--seed", type=int, help="sampling seed (default: random)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="(default 256)")
+    _add_decode_weights(p)
     p.set_defaults(func=cmd_chat)
+
+
+def _add_decode_weights(p) -> None:
+    from chattune.engine.core import WEIGHTS
+
+    p.add_argument("--decode-weights", choices=list(WEIGHTS), default="float32",
+                   help="precision of the decode step's weights on a CPU (Llama-family models): float16 reads half "
+                        "the bytes a token, answers may differ from float32's (docs/chat-and-export.md; default float32)")
 
 
 def _add_small(sub) -> None:

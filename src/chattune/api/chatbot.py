@@ -69,8 +69,10 @@ class Chatbot:
         max_new_tokens: the default budget per answer.
     """
 
-    def __init__(self, run: LoadedRun, *, base: bool = False, max_new_tokens: int = 256):
+    def __init__(self, run: LoadedRun, *, base: bool = False, max_new_tokens: int = 256,
+                 decode_weights: str = "float32"):
         self.run, self.base, self.max_new_tokens = run, base, max_new_tokens
+        self.decode_weights = decode_weights
 
     def __repr__(self) -> str:
         who = "base" if self.base else self.run.cfg.method.name
@@ -118,7 +120,7 @@ class Chatbot:
         pieces: list[str] = []  # a mistake is raised here, not at the first piece
         request = self._request(_conversation(messages), max_new_tokens, self._sampling(sampling, changes),
                                 on_text=pieces.append)
-        engine = self.run.engine(base=self.base, max_batch=1)
+        engine = self.run.engine(base=self.base, max_batch=1, weights=self.decode_weights)
         engine.add(request)
         return _pieces(engine, pieces)
 
@@ -142,17 +144,20 @@ class Chatbot:
             raise UserError("generate takes a list of prompts; use chat for one")
         params = self._sampling(sampling, {})
         requests = [self._request(_conversation(p), max_new_tokens, params) for p in prompts]
-        answers = self.run.engine(base=self.base, max_batch=max_batch).run(requests)
+        answers = self.run.engine(base=self.base, max_batch=max_batch, weights=self.decode_weights).run(requests)
         return [Answer(a.text, len(a.token_ids), a.finish_reason, a.prompt_tokens, a.token_ids) for a in answers]
 
 
-def load(run_or_model: str | os.PathLike, base: bool = False) -> Chatbot:
+def load(run_or_model: str | os.PathLike, base: bool = False, decode_weights: str = "float32") -> Chatbot:
     """Load a trained run, or a plain model, onto the decoding engine.
 
     Args:
         run_or_model: a run directory (or ``Run``); or a model as ``--model`` takes it (hub
             id, local HF directory, .gguf file, ``smollm2-135m``), answered as it is.
         base: answer with the run's method switched off: its base model.
+        decode_weights: the decode step's weight precision on a CPU: ``float32`` (the
+            default), ``float16`` or ``bfloat16`` (faster at one answer; answers may
+            differ: docs/chat-and-export.md).
 
     Returns:
         A ``Chatbot`` with ``.chat``, ``.stream`` and ``.generate``.
@@ -164,8 +169,8 @@ def load(run_or_model: str | os.PathLike, base: bool = False) -> Chatbot:
 
     path = Path(run_or_model)
     if _is_model(path):
-        return Chatbot(_plain_model(str(run_or_model)))
-    return Chatbot(load_run(path), base=base)
+        return Chatbot(_plain_model(str(run_or_model)), decode_weights=decode_weights)
+    return Chatbot(load_run(path), base=base, decode_weights=decode_weights)
 
 
 def _is_model(path: Path) -> bool:

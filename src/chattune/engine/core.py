@@ -62,8 +62,8 @@ from chattune.models import attention
 from chattune.engine import cache as kv
 from chattune.engine.lane import Lane, Row
 from chattune.engine.lookup import DRAFT_TOKENS, Lookup
-from chattune.engine.lean import LeanDecoder
-from chattune.engine.packed import PackedLinears, available_bytes
+from chattune.engine.lean import LeanDecoder, prepare
+from chattune.engine.packed import PackedLinears
 from chattune.engine.requests import Answer, PromptTooLong, Request
 from chattune.engine.sampling import choose, noise_seed, penalise
 from chattune.engine.step import step_inputs
@@ -71,6 +71,7 @@ from chattune.engine.text import TextTracker
 from chattune.errors import UserError
 
 PREFILL_TOKENS = 2048  # padded prompt tokens per prefill forward
+WEIGHTS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # Engine(weights=...)
 # Rows over max_batch that a prompt's further requests may take to join with it: an
 # eighth of max_batch, at most 3 (none below 8 rows: a batch of one stays one).
 GROUP_SLACK = 3
@@ -113,14 +114,24 @@ class Engine:
             the step's forward (``engine/lookup.py``); 0 turns this off.
         lean_steps: decode Llama-family models through the lean step (``engine/lean.py``)
             where it applies; False: always through the model's own forward.
+        weights: the precision of the lean step's weight copies: ``float32`` (the
+            model's own answers), or ``float16``/``bfloat16`` (half the bytes a step
+            reads, answers that may differ: docs/chat-and-export.md). Prefill, and models
+            the lean step does not run, stay in the model's precision.
+        share: an earlier engine over the same models with the same ``lean_steps`` and
+            ``weights`` (chat's previous turn): its packed and fused weight copies are
+            taken over instead of made again (they follow weight changes either way).
     """
 
     def __init__(self, variants: dict[str, Variant], tokenizer, eos_id: int, *, max_batch: int = 16,
-                 dtype: torch.dtype | None = None, draft_tokens: int = DRAFT_TOKENS, lean_steps: bool = True):
+                 dtype: torch.dtype | None = None, draft_tokens: int = DRAFT_TOKENS, lean_steps: bool = True,
+                 weights: str = "float32", share: "Engine | None" = None):
         if max_batch < 1:
             raise UserError("max_batch must be >= 1")
         if draft_tokens < 0:
             raise UserError("draft_tokens must be >= 0")
+        if weights not in WEIGHTS:
+            raise UserError(f"unknown decode weights '{weights}'; choose one of {', '.join(WEIGHTS)}")
         self.variants, self.tokenizer, self.eos_id = variants, tokenizer, eos_id
         self.max_batch, self.dtype, self.draft_tokens = max_batch, dtype, draft_tokens
         self.slack = min(GROUP_SLACK, max_batch // 8)
@@ -132,13 +143,20 @@ class Engine:
         self.lane_of = {name: v.lane or name for name, v in variants.items()}
         self.lanes = {lane: Lane(max_batch + self.slack) for lane in self.lane_of.values()}
         self.finished: list[Answer] = []
-        by_model: dict[int, tuple[PackedLinears, LeanDecoder | None]] = {}  # variants of one model share these
-        for v in variants.values():
-            if id(v.inner) not in by_model:
-                by_model[id(v.inner)] = _packed(v.inner, any(w.route and w.inner is v.inner for w in variants.values()),
-                                                lean_steps)
-        self.packed = {name: by_model[id(v.inner)][0] for name, v in variants.items()}
-        self.lean = {name: by_model[id(v.inner)][1] for name, v in variants.items()}
+        # variants of one model share its packed copies and lean step, keyed by the model and
+        # whether a mixed lane decodes through its own forward (then nothing is left unpacked)
+        key = {name: (id(v.inner), any(w.route and w.inner is v.inner for w in variants.values()))
+               for name, v in variants.items()}
+        by_model: dict[tuple, tuple[PackedLinears, LeanDecoder | None]] = {}
+        if share is not None and (share.lean_steps, share.weights) == (lean_steps, weights):
+            by_model = dict(share.prepared)
+        self.lean_steps, self.weights = lean_steps, weights
+        for name, v in variants.items():
+            if key[name] not in by_model:
+                by_model[key[name]] = prepare(v.inner, key[name][1], lean_steps, WEIGHTS[weights])
+        self.prepared = {k: by_model[k] for k in key.values()}
+        self.packed = {name: by_model[key[name]][0] for name in variants}
+        self.lean = {name: by_model[key[name]][1] for name in variants}
 
     # -- public ----------------------------------------------------------------------
     def add(self, request: Request) -> Request:
@@ -391,21 +409,6 @@ class Engine:
         text = row.text.finish() if row.done != "stop" else row.text.text
         self.finished.append(Answer(row.req.tag, text, row.tokens, row.done, len(row.req.prompt_ids),
                                     time.perf_counter() - row.started, row.req))
-
-
-def _packed(model: torch.nn.Module, routed: bool, lean_steps: bool) -> tuple[PackedLinears, LeanDecoder | None]:
-    """``model``'s packed linears and its lean decode step (None where it has none). The
-    packed linears leave out what the lean step fuses, unless a mixed LoRA lane (``routed``)
-    decodes through the model's own forward; the lean step is skipped when its fused copies
-    would take more than half of the memory available."""
-    lean = LeanDecoder.build(model) if lean_steps else None
-    free = available_bytes()
-    if lean is not None and free is not None and 2 * sum(m.weight.nbytes for m in lean.fused) > free:
-        lean = None
-    packed = PackedLinears(model, frozenset() if routed or lean is None else frozenset(map(id, lean.fused)))
-    if lean is not None:
-        lean.share(packed)
-    return packed, lean
 
 
 def _plain(row: Row) -> bool:

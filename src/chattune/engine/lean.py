@@ -29,9 +29,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from chattune.engine.packed import PackedLinears, available_bytes
 from chattune.models.attention import segment_attention
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")  # the same decoder layer (Qwen2: biased q/k/v)
+FUSE = True  # one matmul per group; False (benchmarks/decode_levers.py only): one per projection
 
 
 def _pack(weight: torch.Tensor):
@@ -39,12 +41,24 @@ def _pack(weight: torch.Tensor):
     return lambda x, bias=None: torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [None], "")
 
 
+def _reduced(weight: torch.Tensor, dtype: torch.dtype):
+    """A linear on a ``dtype`` copy of ``weight``: the input rounded to ``dtype``, products
+    summed in float32 by torch's CPU kernel, the output back in float32."""
+    w = weight.to(dtype).contiguous()
+
+    def linear(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        out = F.linear(x.to(dtype), w).float()
+        return out if bias is None else out + bias
+
+    return linear
+
+
 class _Group:
     """Projections that read the same input, as one matmul (``members``: nn.Linear or
     PEFT ``lora.Linear``)."""
 
-    def __init__(self, members: list[torch.nn.Module]):
-        self.members = members
+    def __init__(self, members: list[torch.nn.Module], weights: torch.dtype = torch.float32):
+        self.members, self.weights = members, weights
         self.bases = [getattr(m, "base_layer", m) for m in members]
         self.packed = None  # the engine's PackedLinears, for a single projection it packs
         self.sizes = [b.out_features for b in self.bases]
@@ -58,7 +72,7 @@ class _Group:
         return tuple((b.weight.data_ptr(), b.weight._version) for b in self.bases)
 
     def refresh(self) -> None:
-        if self.packed is not None and len(self.bases) == 1:
+        if self.packed is not None and len(self.bases) == 1 and self.weights == torch.float32:
             forward = self.packed.forward_of(self.bases[0])
             if forward is not None:
                 self.linear = lambda x, bias=None, f=forward: f(x)  # the module's own bias is in it
@@ -66,7 +80,10 @@ class _Group:
         key = self._weights_key()
         if key != self.key:
             weight = torch.cat([b.weight.detach() for b in self.bases]) if len(self.bases) > 1 else self.bases[0].weight.detach()
-            self.linear = _pack(weight.contiguous())
+            self.linear = _pack(weight.contiguous()) if self.weights == torch.float32 else _reduced(weight, self.weights)
+            if not FUSE and len(self.bases) > 1:
+                parts = [_pack(b.weight.detach()) for b in self.bases]
+                self.linear = lambda x, bias=None: torch.cat([f(x) for f in parts], dim=-1) + (0 if bias is None else bias)
             biases = [b.bias for b in self.bases]
             self.bias = None if all(b is None for b in biases) else torch.cat(
                 [b.detach() if b is not None else torch.zeros(s) for b, s in zip(biases, self.sizes)])
@@ -119,9 +136,12 @@ class _Group:
 class LeanDecoder:
     """The decode step of one Llama-family model (``build`` returns None for others)."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, weights: torch.dtype = torch.float32):
         inner = model.model
         self.model, self.embed, self.rotary, self.norm = model, inner.embed_tokens, inner.rotary_emb, inner.norm
+        self.weights = weights
+        # the output projection stays float32: logits rounded to float16 (steps of 1/64 at
+        # 16-32) would tie and flip greedy choices
         self.head = _Group([model.lm_head])
         config = model.config
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
@@ -129,16 +149,23 @@ class LeanDecoder:
         self.layers = []
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            self.layers.append((layer.input_layernorm, _Group([attn.q_proj, attn.k_proj, attn.v_proj]),
-                                _Group([attn.o_proj]), layer.post_attention_layernorm,
-                                _Group([mlp.gate_proj, mlp.up_proj]), _Group([mlp.down_proj]), attn.scaling))
+            self.layers.append((layer.input_layernorm, _Group([attn.q_proj, attn.k_proj, attn.v_proj], weights),
+                                _Group([attn.o_proj], weights), layer.post_attention_layernorm,
+                                _Group([mlp.gate_proj, mlp.up_proj], weights), _Group([mlp.down_proj], weights),
+                                attn.scaling))
         self.groups = [self.head] + [g for layer in self.layers for g in (layer[1], layer[2], layer[4], layer[5])]
         self.lora = any(m is not b for g in self.groups for m, b in zip(g.members, g.bases))
 
     @property
     def fused(self) -> list[torch.nn.Module]:
-        """The base linear modules this step holds packed in fused form."""
-        return [b for g in self.groups if len(g.bases) > 1 for b in g.bases]
+        """The base linear modules this step holds its own copies of (fused, or all of them
+        in reduced precision)."""
+        return [b for g in self.groups if len(g.bases) > 1 or g.weights != torch.float32 for b in g.bases]
+
+    @property
+    def copy_bytes(self) -> int:
+        """Memory the step's own weight copies take."""
+        return sum(b.weight.numel() * g.weights.itemsize for g in self.groups for b in g.bases if b in self.fused)
 
     def share(self, packed) -> None:
         """Run the single projections (o, down, output) on ``packed``'s weights (the
@@ -148,9 +175,11 @@ class LeanDecoder:
                 g.packed = packed
 
     @staticmethod
-    def build(model: torch.nn.Module) -> "LeanDecoder | None":
+    def build(model: torch.nn.Module, weights: torch.dtype = torch.float32) -> "LeanDecoder | None":
         """The lean step for ``model`` (a causal LM, PEFT's inner model included), or None
-        when its architecture or layers are not the ones this step computes."""
+        when its architecture or layers are not the ones this step computes. ``weights``:
+        the precision of the step's weight copies (float16, bfloat16: ``Engine``'s
+        ``weights``)."""
         config = getattr(model, "config", None)
         if config is None or getattr(config, "model_type", None) not in ARCHITECTURES:
             return None
@@ -161,7 +190,7 @@ class LeanDecoder:
         if not torch.backends.mkldnn.is_available():
             return None
         try:
-            lean = LeanDecoder(model)
+            lean = LeanDecoder(model, weights)
         except AttributeError:  # not the module layout of transformers' Llama
             return None
         if not all(_supported(m) for g in lean.groups for m in g.members):
@@ -205,6 +234,22 @@ class LeanDecoder:
             g, u = gate_up(_rms(h, norm2)).chunk(2, dim=-1)
             h = h + down(F.silu(g) * u)
         return self.head(_rms(h, self.norm))
+
+
+def prepare(model: torch.nn.Module, routed: bool, lean_steps: bool,
+            weights: torch.dtype) -> tuple[PackedLinears, LeanDecoder | None]:
+    """``model``'s packed linears and its lean decode step (None where it has none). The
+    packed linears leave out what the lean step fuses, unless a mixed LoRA lane (``routed``)
+    decodes through the model's own forward; the lean step is skipped when its fused copies
+    would take more than half of the memory available."""
+    lean = LeanDecoder.build(model, weights) if lean_steps else None
+    free = available_bytes()
+    if lean is not None and free is not None and 2 * lean.copy_bytes > free:
+        lean = None
+    packed = PackedLinears(model, frozenset() if routed or lean is None else frozenset(map(id, lean.fused)))
+    if lean is not None:
+        lean.share(packed)
+    return packed, lean
 
 
 def _supported(m: torch.nn.Module) -> bool:

@@ -52,10 +52,15 @@ class LoadedRun:
             return {"tuned": Variant(self.model, virtual_tokens=self.virtual_tokens), "base": Variant(self._fresh_base())}
         return method_variants(self.method, self.model, self.virtual_tokens, base=base)
 
-    def engine(self, *, base: bool = True, max_batch: int = 16, dtype: torch.dtype | None = None) -> Engine:
+    def engine(self, *, base: bool = True, max_batch: int = 16, dtype: torch.dtype | None = None,
+               weights: str = "float32") -> Engine:
+        """An engine over this run's variants. It takes over the packed weight copies of
+        the previous engine made here (a chat's earlier turn), not packing them again."""
         # a chat template's end-of-turn token (<|im_end|>) also ends an answer: Request.end_ids
-        return Engine(self.variants(base), self.tokenizer, self.tokenizer.eos_token_id, max_batch=max_batch,
-                      dtype=dtype)
+        engine = Engine(self.variants(base), self.tokenizer, self.tokenizer.eos_token_id, max_batch=max_batch,
+                        dtype=dtype, weights=weights, share=getattr(self, "_engine", None))
+        self._engine = engine
+        return engine
 
     def request(self, conversation: list[dict], *, max_new_tokens: int, sampling: SamplingParams = DEFAULTS,
                 variant: str = "tuned", on_text=None, tag=None, stop: list[str] | None = None) -> Request:

@@ -14,6 +14,8 @@ from chattune.errors import UserError
 
 
 def add_parser(sub) -> None:
+    from chattune.engine.core import WEIGHTS
+
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server and web chat page for trained runs",
                        description="Serve runs that share one base model. Each run is a model named by its "
                                    "directory (or NAME=RUN_DIR); 'base' is the base model without any method.")
@@ -22,6 +24,9 @@ def add_parser(sub) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--api-key-env", metavar="VAR", help="require 'Authorization: Bearer $VAR' on /v1/*")
     p.add_argument("--max-batch", type=int, default=32, help="requests decoded together (default 32)")
+    p.add_argument("--decode-weights", choices=list(WEIGHTS), default="float32",
+                   help="precision of the decode step's weights on a CPU (Llama-family models): float16 reads half "
+                        "the bytes a token, answers may differ from float32's (docs/chat-and-export.md; default float32)")
     p.add_argument("--max-queue", type=int, default=128,
                    help="requests waiting for a slot before new ones get 429 (default 128)")
     p.add_argument("--max-tokens", type=int, default=512,
@@ -59,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     served = load_served(args.runs)
 
     def make_engine() -> Engine:
-        return Engine(served.variants, served.tokenizer, served.tokenizer.eos_token_id, max_batch=args.max_batch)
+        return Engine(served.variants, served.tokenizer, served.tokenizer.eos_token_id, max_batch=args.max_batch,
+                      weights=args.decode_weights)
 
     votes_path = Path(args.votes) if args.votes else next(iter(served.runs.values())).run_dir / "votes.jsonl"
     try:
