@@ -377,8 +377,9 @@ def main() -> None:
     result["headline"] = f"{models[0]}/{templates[0]}"
     result["vs_hf_batched_16"] = at16["vs_hf_batched"]
     result["vs_hf_single"] = at16["vs_hf_single"]
-    result["llamacpp"] = llamacpp(models[0], templates[0], 4 if args.quick else 8, max_new, args.rounds or 1)
-    result.update({k: v for k, v in result["llamacpp"].items() if k.startswith("vs_llamacpp_")})
+    if not args.quick:  # --quick: the engine against HF only; --llamacpp for llama.cpp's rows
+        result["llamacpp"] = llamacpp(models[0], templates[0], 8, max_new, args.rounds or 1)
+        result.update({k: v for k, v in result["llamacpp"].items() if k.startswith("vs_llamacpp_")})
     print(json.dumps(result))
 
 

@@ -195,6 +195,8 @@ class LeanDecoder:
             return None
         if not all(_supported(m) for g in lean.groups for m in g.members):
             return None
+        if any(hasattr(m, "_hf_hook") for m in model.modules()):
+            return None  # accelerate moves or offloads weights inside the modules' own forward
         if not all(_original(m) for layer in model.model.layers
                    for m in (layer, layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm)):
             return None  # wrapped or hooked (bottleneck adapters, IA3's feed-forward scaling): their forward
