@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections import Counter
 
 import pytest
@@ -188,7 +189,17 @@ def test_chat_template_problems_are_user_errors(bos_tokenizer, tiny_tokenizer):
         tokenize_conversation(CONV, bos_tokenizer, DataConfig(template="chat"))
     tok = tiny_tokenizer.__class__(tokenizer_object=tiny_tokenizer.backend_tokenizer, eos_token="<|endoftext|>")
     tok.chat_template = "{{ messages | length }} messages: {% for m in messages %}{{ m['content'] }}{% endfor %}"
-    with pytest.raises(UserError, match="earlier turns differently"):
+    relabel = ("the tokenizer's chat template renders earlier turns differently once later turns follow; "
+               "chattune cannot place labels on it: use --template seed")
+    with pytest.raises(UserError, match="^" + re.escape(relabel) + "$"):
+        tokenize_conversation(CONV, tok, DataConfig(template="chat"))
+    tok.chat_template = "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}{% endfor %}"
+    with pytest.raises(UserError, match="^the tokenizer's chat template does not render assistant messages; "
+                                        "use --template seed$"):
+        tokenize_conversation(CONV, tok, DataConfig(template="chat"))
+    tok.chat_template = "{{ raise_exception('roles must alternate') }}"
+    failed = "the tokenizer's chat template failed (TemplateError: roles must alternate); use --template seed"
+    with pytest.raises(UserError, match="^" + re.escape(failed) + "$"):
         tokenize_conversation(CONV, tok, DataConfig(template="chat"))
 
 
