@@ -77,6 +77,30 @@ def test_truncation_cuts_only_a_too_long_first_answer(tiny_tokenizer):
     assert labels[-2:] == ids[-2:] and tiny_tokenizer.eos_token_id not in ids
     for max_length in (len(prompt), len(prompt) - 3):
         assert tokenize_conversation(CONV, tiny_tokenizer, DataConfig(template="seed", max_length=max_length)) is None
+    # one answer token fits: kept; none fits: nothing, even when the prompt itself would carry the loss
+    ids, labels = tokenize_conversation(CONV, tiny_tokenizer, DataConfig(template="seed", max_length=len(prompt) + 1))
+    assert ids[:-1] == prompt and labels[-1] == ids[-1] and labels[:-1] == [IGNORE_INDEX] * len(prompt)
+    cfg = DataConfig(template="seed", max_length=len(prompt), train_on_prompt=True)
+    assert tokenize_conversation(CONV, tiny_tokenizer, cfg) is None
+
+
+def test_a_conversation_of_exactly_max_length_is_whole(tiny_tokenizer):
+    full = tokenize_conversation(CONV, tiny_tokenizer, DataConfig(template="seed"))
+    assert tokenize_conversation(CONV, tiny_tokenizer, DataConfig(template="seed", max_length=len(full[0]))) == full
+
+
+def test_the_seed_template_needs_an_eos_token(tiny_tokenizer):
+    no_eos = tiny_tokenizer.__class__(tokenizer_object=tiny_tokenizer.backend_tokenizer)
+    with pytest.raises(UserError, match="^the tokenizer has no EOS token; the seed template ends every answer with it$"):
+        tokenize_conversation(CONV, no_eos, DataConfig(template="seed"))
+
+
+def test_long_conversations_raise_no_sequence_length_warning(tiny_tokenizer, capfd):
+    # truncation to max_length comes after tokenising: the tokenizer's length warning would be noise
+    short_limit = copy.deepcopy(tiny_tokenizer)
+    short_limit.model_max_length = 4
+    tokenize_conversation(CONV, short_limit, DataConfig(template="seed"))
+    assert "sequence length is longer" not in capfd.readouterr().err
 
 
 def test_prepare_counts_samples_without_loss_tokens(tiny_tokenizer):
