@@ -291,6 +291,7 @@ def test_auto_template_is_chat_with_a_template_and_seed_without(tiny_tokenizer, 
         assert resolve_template("auto", tok) == same
         assert tokenize_conversation(CONV, tok, auto) == tokenize_conversation(CONV, tok, DataConfig(template=same))
         assert render_prompt_ids(CONV[:3], tok, "auto") == render_prompt_ids(CONV[:3], tok, same)
+    assert resolve_template("auto", None) == "seed" and resolve_template("chat", None) == "chat"
     ids, _ = tokenize_conversation(CONV, tiny_tokenizer, auto)
     assert decode(tiny_tokenizer, ids) == tiny_tokenizer.apply_chat_template(CONV, tokenize=False)
     assert prepare(DataConfig(template="auto", max_rows=5), tiny_tokenizer).template == "chat"
