@@ -89,6 +89,14 @@ def test_a_conversation_of_exactly_max_length_is_whole(tiny_tokenizer):
     assert tokenize_conversation(CONV, tiny_tokenizer, DataConfig(template="seed", max_length=len(full[0]))) == full
 
 
+def test_no_sample_without_a_loss_token(tiny_tokenizer):
+    bare = copy.deepcopy(tiny_tokenizer)
+    bare.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # no markup, no end token
+    empty = [{"role": "user", "content": "Hello?"}, {"role": "assistant", "content": ""}]
+    assert tokenize_conversation(empty, bare, DataConfig(template="chat")) is None
+    assert tokenize_conversation(CONV[:2], bare, DataConfig(template="chat")) is not None
+
+
 def test_the_seed_template_needs_an_eos_token(tiny_tokenizer):
     no_eos = tiny_tokenizer.__class__(tokenizer_object=tiny_tokenizer.backend_tokenizer)
     with pytest.raises(UserError, match="^the tokenizer has no EOS token; the seed template ends every answer with it$"):
