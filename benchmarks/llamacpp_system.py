@@ -83,19 +83,21 @@ class LlamaCpp:
             lc.llama_sampler_chain_add(chain, s)
         return chain
 
-    def _decode(self, feed: list[tuple[int, int, int, bool]]) -> dict[int, int]:
-        """Decode ``feed`` (token, position, sequence, wants logits) in batches of 512;
-        returns the batch index of each logits-wanting entry, by its place in ``feed``."""
+    def _decode(self, feed: list[tuple[int, int, int, bool]], samplers: dict) -> dict[int, int]:
+        """Decode ``feed`` (token, position, sequence, wants logits) in batches of 512 and
+        choose the next token where logits are wanted, before the next batch overwrites
+        them; returns those tokens by their place in ``feed``."""
         lc, b, out = self.lc, self.batch, {}
         for start in range(0, len(feed), 512):
+            chunk = feed[start:start + 512]
             b.n_tokens = 0
-            for k, (token, pos, seq, logits) in enumerate(feed[start:start + 512]):
+            for k, (token, pos, seq, logits) in enumerate(chunk):
                 b.token[k], b.pos[k], b.n_seq_id[k], b.logits[k] = token, pos, 1, logits
                 b.seq_id[k][0] = seq
                 b.n_tokens += 1
             if lc.llama_decode(self.ctx, b) != 0:
                 raise RuntimeError("llama_decode failed")
-            out.update({start + k: k for k, entry in enumerate(feed[start:start + 512]) if entry[3]})
+            out.update({start + k: self._next(k, samplers[seq]) for k, (_, _, seq, logits) in enumerate(chunk) if logits})
         return out
 
     def _next(self, index: int, sampler) -> int:
@@ -126,9 +128,9 @@ class LlamaCpp:
                     feed.append((out[-1], pos, slot, True))
                     owners.append((slot, len(feed) - 1))
                     active[slot][1] += 1
-            where = self._decode(feed)
+            chosen = self._decode(feed, samplers)
             for slot, at in owners:
-                token = self._next(where[at], samplers[slot])
+                token = chosen[at]
                 index, _, out = active[slot]
                 if token in eos or len(out) == max_new:
                     done[index] = out
