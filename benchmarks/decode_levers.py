@@ -10,6 +10,7 @@ each, greedy and with the shipped sampling (seeded), through:
 - ``model``: the engine with the model's own forward (``lean_steps=False``), drafts off;
 - ``lean, unfused``: the lean step (``engine/lean.py``) with one matmul per projection;
 - ``lean``: the lean step as shipped (fused q/k/v and gate/up);
+- ``lean, packed for one row``: its oneDNN weights laid out for one row (``PACK_ROWS``);
 - ``lean, float16 weights`` and ``lean, bfloat16 weights``: its weight copies rounded
   (``Engine(weights=...)``, ``--decode-weights``);
 - ``lean, drafts``: the lean step with the engine's speculative steps (as shipped).
@@ -36,13 +37,14 @@ import torch  # noqa: E402
 from chattune.engine import DEFAULTS, GREEDY, Engine, Request, Variant  # noqa: E402
 from chattune.engine import lean as lean_module  # noqa: E402
 
-SYSTEMS = {  # label -> Engine keyword arguments, and whether the lean step fuses
-    "model": ({"lean_steps": False, "draft_tokens": 0}, True),
-    "lean, unfused": ({"draft_tokens": 0}, False),
-    "lean": ({"draft_tokens": 0}, True),
-    "lean, float16 weights": ({"draft_tokens": 0, "weights": "float16"}, True),
-    "lean, bfloat16 weights": ({"draft_tokens": 0, "weights": "bfloat16"}, True),
-    "lean, drafts": ({}, True),
+SYSTEMS = {  # label -> Engine keyword arguments, lean.FUSE, lean.PACK_ROWS
+    "model": ({"lean_steps": False, "draft_tokens": 0}, True, None),
+    "lean, unfused": ({"draft_tokens": 0}, False, None),
+    "lean": ({"draft_tokens": 0}, True, None),
+    "lean, packed for one row": ({"draft_tokens": 0}, True, 1),
+    "lean, float16 weights": ({"draft_tokens": 0, "weights": "float16"}, True, None),
+    "lean, bfloat16 weights": ({"draft_tokens": 0, "weights": "bfloat16"}, True, None),
+    "lean, drafts": ({}, True, None),
 }
 
 
@@ -97,31 +99,33 @@ def main() -> None:
               "max_new_tokens": args.max_new_tokens}
     for decoding in ("greedy", "sampled"):
         engines = {}
-        for label, (kwargs, fuse) in SYSTEMS.items():
-            lean_module.FUSE = fuse
+        for label, (kwargs, fuse, pack_rows) in SYSTEMS.items():
+            lean_module.FUSE, lean_module.PACK_ROWS = fuse, pack_rows
             engine = Engine({"tuned": Variant(model)}, tok, tok.eos_token_id, max_batch=1, **kwargs)
+            if pack_rows and engine.lean["tuned"] is not None:  # every projection packed here, o/down/output too
+                for group in engine.lean["tuned"].groups:
+                    group.packed = None
             engine.run([Request(prompts[0], max_new_tokens=4, sampling=GREEDY)])  # warm-up: weights packed
-            engines[label] = (engine, fuse)
+            lean_module.FUSE, lean_module.PACK_ROWS = True, None
+            engines[label] = engine
         totals = {label: [0, 0.0, []] for label in SYSTEMS}
         for i, p in enumerate(prompts):
             sampling = GREEDY if decoding == "greedy" else DEFAULTS.with_(seed=i)
             order = list(SYSTEMS) if i % 2 == 0 else list(reversed(SYSTEMS))
             for label in order:
-                engine, fuse = engines[label]
-                lean_module.FUSE = fuse
+                engine = engines[label]
                 start = time.perf_counter()
                 answer = engine.run([Request(p, max_new_tokens=args.max_new_tokens, sampling=sampling)])[0]
                 totals[label][0] += len(answer.token_ids)
                 totals[label][1] += time.perf_counter() - start
                 totals[label][2].append(answer.token_ids)
-        lean_module.FUSE = True
         rows = {}
         base = totals["model"][0] / totals["model"][1]
         for label, (tokens, seconds, answers) in totals.items():
             rate = tokens / seconds
             rows[label] = {"tokens_per_s": round(rate, 1), "vs_model": round(rate / base, 2),
                            "same_answers_as_model": sum(a == b for a, b in zip(answers, totals["model"][2]))}
-        drafts = engines["lean, drafts"][0]
+        drafts = engines["lean, drafts"]
         rows["lean, drafts"]["kept_of_drafted"] = round(drafts.kept / max(drafts.drafted, 1), 2)
         result[decoding] = rows
         print(json.dumps({decoding: rows}), flush=True)

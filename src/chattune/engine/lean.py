@@ -34,10 +34,11 @@ from chattune.models.attention import segment_attention
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")  # the same decoder layer (Qwen2: biased q/k/v)
 FUSE = True  # one matmul per group; False (benchmarks/decode_levers.py only): one per projection
+PACK_ROWS = None  # the row count oneDNN lays the packed weights out for (None: any)
 
 
 def _pack(weight: torch.Tensor):
-    w = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+    w = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS)
     return lambda x, bias=None: torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [None], "")
 
 
