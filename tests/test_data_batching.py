@@ -55,12 +55,22 @@ def test_collate_packed_layout():
                {"input_ids": [6], "labels": [IGNORE_INDEX]}]
     batch = collate(samples, 0, packing=True, bins=[[0, 1], [2]])
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 0, 0, 0, 0]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 0, 1, 2, 3]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 0, 0, 0, 0]]  # padding at 0
     allowed = (batch["attention_mask"][0, 0] == 0).int().tolist()
     assert allowed == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 1, 1]]
     assert batch["attention_mask"].shape == (2, 1, 5, 5)
     with pytest.raises(ValueError, match="bins"):
         collate(samples, 0, packing=True)
+
+
+def test_packed_padding_never_numbers_past_the_longest_conversation():
+    # a row of one short conversation beside a row as wide as a 256-position model: the
+    # padding must not count to 255 (it did: IndexError in GPT-2's position table beyond)
+    wide = [{"input_ids": [1] * 96, "labels": [IGNORE_INDEX] * 96} for _ in range(3)]
+    short = {"input_ids": [2, 3], "labels": [IGNORE_INDEX, 3]}
+    batch = collate(wide + [short], 0, packing=True, bins=[[0, 1, 2], [3]])
+    assert batch["input_ids"].shape == (2, 288)
+    assert int(batch["position_ids"].max()) == 95
 
 
 def test_collate_flat_layout():

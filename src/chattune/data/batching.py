@@ -187,8 +187,9 @@ def _collate_packed(rows: list[list[dict]], pad_id: int, mask_dtype: torch.dtype
             segment[r, start:start + n] = k
             start += n
         # Padding is one more segment attending to itself: no query row is fully masked
-        # (a fully masked row turns into NaN in sdpa), and no real token sees padding.
-        positions[r, start:] = torch.arange(width - start)
+        # (a fully masked row turns into NaN in sdpa), and no real token sees padding. Its
+        # positions stay 0: counted on, a short row beside a full one would number its
+        # padding past the model's context (GPT-2's position table raises IndexError).
         segment[r, start:] = len(row)
     causal = torch.ones(width, width, dtype=torch.bool).tril()  # (T, T)
     allowed = causal & (segment[:, :, None] == segment[:, None, :])  # (B, T, T)
