@@ -74,9 +74,11 @@ class _Group:
 
     def refresh(self) -> None:
         if self.packed is not None and len(self.bases) == 1 and self.weights == torch.float32:
-            forward = self.packed.forward_of(self.bases[0])
+            forward = self.packed.forward_of(self.bases[0])  # the same object until the weight changes
             if forward is not None:
-                self.linear = lambda x, bias=None, f=forward: f(x)  # the module's own bias is in it
+                if forward is not self.key:
+                    self.linear = lambda x, bias=None, f=forward: f(x)  # the module's own bias is in it
+                    self.key, self.bias = forward, None
                 return
         key = self._weights_key()
         if key != self.key:
@@ -166,7 +168,8 @@ class LeanDecoder:
     @property
     def copy_bytes(self) -> int:
         """Memory the step's own weight copies take."""
-        return sum(b.weight.numel() * g.weights.itemsize for g in self.groups for b in g.bases if b in self.fused)
+        return sum(b.weight.numel() * g.weights.itemsize for g in self.groups
+                   if len(g.bases) > 1 or g.weights != torch.float32 for b in g.bases)
 
     def share(self, packed) -> None:
         """Run the single projections (o, down, output) on ``packed``'s weights (the
