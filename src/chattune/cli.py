@@ -146,7 +146,7 @@ def _add_chat(sub) -> None:
 
 
 def _add_decode_weights(p) -> None:
-    from chattune.engine.core import WEIGHTS
+    from chattune.engine.lean import WEIGHTS
 
     p.add_argument("--decode-weights", choices=list(WEIGHTS), default="float32",
                    help="precision of the decode step's weights on a CPU (Llama-family models): float16 reads half "

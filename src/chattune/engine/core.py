@@ -62,8 +62,7 @@ from chattune.models import attention
 from chattune.engine import cache as kv
 from chattune.engine.lane import Lane, Row
 from chattune.engine.lookup import DRAFT_TOKENS, Lookup
-from chattune.engine.lean import LeanDecoder, prepare
-from chattune.engine.packed import PackedLinears
+from chattune.engine.lean import WEIGHTS, prepare_variants
 from chattune.engine.requests import Answer, PromptTooLong, Request
 from chattune.engine.sampling import choose, noise_seed, penalise
 from chattune.engine.step import step_inputs
@@ -71,7 +70,6 @@ from chattune.engine.text import TextTracker
 from chattune.errors import UserError
 
 PREFILL_TOKENS = 2048  # padded prompt tokens per prefill forward
-WEIGHTS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # Engine(weights=...)
 # Rows over max_batch that a prompt's further requests may take to join with it: an
 # eighth of max_batch, at most 3 (none below 8 rows: a batch of one stays one).
 GROUP_SLACK = 3
@@ -143,20 +141,12 @@ class Engine:
         self.lane_of = {name: v.lane or name for name, v in variants.items()}
         self.lanes = {lane: Lane(max_batch + self.slack) for lane in self.lane_of.values()}
         self.finished: list[Answer] = []
-        # variants of one model share its packed copies and lean step, keyed by the model and
-        # whether a mixed lane decodes through its own forward (then nothing is left unpacked)
-        key = {name: (id(v.inner), any(w.route and w.inner is v.inner for w in variants.values()))
-               for name, v in variants.items()}
-        by_model: dict[tuple, tuple[PackedLinears, LeanDecoder | None]] = {}
-        if share is not None and (share.lean_steps, share.weights) == (lean_steps, weights):
-            by_model = dict(share.prepared)
+        same = share is not None and (share.lean_steps, share.weights) == (lean_steps, weights)
+        earlier = share.prepared if same else None
         self.lean_steps, self.weights = lean_steps, weights
-        for name, v in variants.items():
-            if key[name] not in by_model:
-                by_model[key[name]] = prepare(v.inner, key[name][1], lean_steps, WEIGHTS[weights])
-        self.prepared = {k: by_model[k] for k in key.values()}
-        self.packed = {name: by_model[key[name]][0] for name in variants}
-        self.lean = {name: by_model[key[name]][1] for name in variants}
+        self.prepared, by_name = prepare_variants(variants, lean_steps, WEIGHTS[weights], earlier)
+        self.packed = {name: packed for name, (packed, _) in by_name.items()}
+        self.lean = {name: lean for name, (_, lean) in by_name.items()}
 
     # -- public ----------------------------------------------------------------------
     def add(self, request: Request) -> Request:

@@ -34,6 +34,7 @@ from chattune.models.attention import segment_attention
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")  # the same decoder layer (Qwen2: biased q/k/v)
 FUSE = True  # one matmul per group; False (benchmarks/decode_levers.py only): one per projection
+WEIGHTS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # Engine(weights=...)
 PACK_ROWS = None  # the row count oneDNN lays the packed weights out for (None: any)
 
 
@@ -256,6 +257,21 @@ def prepare(model: torch.nn.Module, routed: bool, lean_steps: bool,
     if lean is not None:
         lean.share(packed)
     return packed, lean
+
+
+def prepare_variants(variants: dict, lean_steps: bool, weights: torch.dtype,
+                     earlier: dict | None = None) -> tuple[dict, dict]:
+    """The engine's variants' packed linears and lean steps: one pair per model, keyed by
+    the model and whether a mixed lane of it decodes through its own forward (then nothing
+    is left unpacked). ``earlier``: pairs an earlier engine made, taken over where the key
+    matches. Returns (pairs by key, pair by variant name)."""
+    key = {name: (id(v.inner), any(w.route and w.inner is v.inner for w in variants.values()))
+           for name, v in variants.items()}
+    by_key = dict(earlier or {})
+    for name, v in variants.items():
+        if key[name] not in by_key:
+            by_key[key[name]] = prepare(v.inner, key[name][1], lean_steps, weights)
+    return {k: by_key[k] for k in key.values()}, {name: by_key[key[name]] for name in variants}
 
 
 def _supported(m: torch.nn.Module) -> bool:

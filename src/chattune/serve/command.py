@@ -14,7 +14,7 @@ from chattune.errors import UserError
 
 
 def add_parser(sub) -> None:
-    from chattune.engine.core import WEIGHTS
+    from chattune.engine.lean import WEIGHTS
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server and web chat page for trained runs",
                        description="Serve runs that share one base model. Each run is a model named by its "
