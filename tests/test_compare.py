@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from chattune.cli import main
 from tiny import tiny_dirs  # noqa: F401  (fixture)

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from chattune.cli import main
-from chattune.data import DataConfig, batch_plan, collate, prepare
+from chattune.data import DataConfig, collate, prepare
 from chattune.engine import GREEDY, Engine, Request, Variant
 from chattune.training.loss import token_loss_sum
 from chattune.methods import all_methods, count_parameters, get_method

@@ -217,12 +217,12 @@ def test_sigterm_during_the_reference_pass_stops_it_and_resume_recomputes_it(tin
     import os
     import signal
 
-    import chattune.training.reference as reference
+    import chattune.training.objectives as objectives
 
     common = ["--objective", "dpo", "--max-steps", "3", "--lr", "3e-3", "--batch-size", "1", "--no-packing"]
     straight = tmp_path / "straight"
     assert main(pref_args(tiny_dirs["gpt2"], straight, *common)) == 0
-    real, calls = reference.pair_logps, []
+    real, calls = objectives.pair_logps, []
 
     def signalled(*a, **kw):  # the reference pass is the first caller: a SIGTERM arrives during it
         calls.append(1)
@@ -230,13 +230,13 @@ def test_sigterm_during_the_reference_pass_stops_it_and_resume_recomputes_it(tin
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*a, **kw)
 
-    monkeypatch.setattr(reference, "pair_logps", signalled)
+    monkeypatch.setattr(objectives, "pair_logps", signalled)
     run = tmp_path / "run"
     assert main(pref_args(tiny_dirs["gpt2"], run, *common)) == 143
     assert len(calls) == 1  # stopped at the next batch, not after the whole pass
     assert "interrupted at step 0; continue with: chattune train --resume" in capsys.readouterr().err
     assert not (run / "reference_logps.safetensors").exists()
-    monkeypatch.setattr(reference, "pair_logps", real)
+    monkeypatch.setattr(objectives, "pair_logps", real)
     assert main(["train", "--resume", str(run)]) == 0
     a, b = load_file(straight / "reference_logps.safetensors"), load_file(run / "reference_logps.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -219,3 +219,37 @@ def test_killed_and_resumed_kto_equals_uninterrupted(tiny_dirs, tmp_path):
     assert [m["step"] for m in b] == [m["step"] for m in a]
     for key in ("loss", "kl", "reward_margin"):
         assert [m[key] for m in b if key in m] == pytest.approx([m[key] for m in a if key in m], rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("packing,flat", [(False, False), (True, False), (True, True)])
+def test_kto_scores_mismatched_answers_without_gradient_and_as_the_pair_layout(tiny_tokenizer, packing, flat):
+    """The training forward holds the own answers only; the mismatched ones (z0's) go through a
+    second forward under no_grad; both give the log-probs the pair layout gives in one forward."""
+    from chattune.data import DataConfig, batch_plan
+    from chattune.data.votes import prepare_kto
+    from chattune.models import attention
+    from chattune.training.objectives import collate_pairs
+    from chattune.training.passes import pair_logps
+    from conftest import build_model
+
+    data = prepare_kto(DataConfig(dataset="sample", max_length=128, val_ratio=0, test_ratio=0), tiny_tokenizer)
+    samples = data.splits["train"][:6]
+    model, kto, pad = build_model("llama", len(tiny_tokenizer), attn=attention.NAME), OBJECTIVES["kto"](), tiny_tokenizer.pad_token_id
+    seen = []
+    model.register_forward_hook(lambda m, args, kw, out: seen.append(
+        (torch.is_grad_enabled(), int(kw["attention_mask"].bool().sum()) if kw["attention_mask"].dim() == 2
+         else int((kw["input_ids"] != pad).sum()))), with_kwargs=True)
+    plan = batch_plan([len(s["input_ids"]) for s in samples], 3, packing=packing, max_length=256, seed=0, epoch=0)
+    for mb in plan:
+        group = [samples[i] for i in mb]
+        batch = kto.collate(group, pad, packing=packing, bins=mb.bins, flat=flat)
+        seen.clear()
+        logps, lengths = kto.logps(model, batch)
+        assert [grad for grad, _ in seen] == [True, False]
+        assert logps.requires_grad and logps[:, 0].requires_grad
+        with torch.no_grad():
+            expect, expect_len = pair_logps(model, collate_pairs(group, pad, packing=packing, bins=mb.bins, flat=flat))
+        torch.testing.assert_close(logps.detach(), expect, rtol=1e-5, atol=1e-5)
+        assert torch.equal(lengths, expect_len)
+        logps[:, 0].sum().backward()  # the own answers train; the mismatched column has no graph
+        assert logps.grad_fn is not None

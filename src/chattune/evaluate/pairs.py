@@ -28,7 +28,7 @@ import torch
 from chattune.data.votes import prepare_kto
 from chattune.errors import UserError
 from chattune.training.objectives import get_objective
-from chattune.training.passes import pair_logps, passes
+from chattune.training.passes import passes
 from chattune.training.reference import load_reference
 
 RESAMPLES = 1000
@@ -49,7 +49,7 @@ def wins_of(margin: torch.Tensor) -> torch.Tensor:
 def policy_logps(model, objective, samples, pad_id, batch_size, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     batches = (objective.collate(samples[start:start + batch_size], pad_id, packing=False)
                for start in range(0, len(samples), batch_size))
-    logps, lengths = zip(*((lp.cpu(), n.cpu()) for lp, n in passes(model, batches, device, dtype, pair_logps)))
+    logps, lengths = zip(*((lp.cpu(), n.cpu()) for lp, n in passes(model, batches, device, dtype, objective.logps)))
     return torch.cat(logps), torch.cat(lengths)  # (n, 2) each
 
 

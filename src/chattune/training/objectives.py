@@ -40,7 +40,7 @@ from chattune.data.pairs import prepare_pairs, split_pair
 from chattune.training.loss import answer_logits, cross_entropy, shift_targets, token_loss_sum
 from chattune.data.votes import prepare_kto
 from chattune.training.kto import balance_warning, kto_losses
-from chattune.training.passes import loss_on_samples, pair_logps, passes
+from chattune.training.passes import loss_on_samples, pair_logps, passes, segment_logps
 from chattune.training.ties import DEFAULT_NU, tie_losses
 from chattune.training.unlikelihood import answer_runs, unlikelihood_sum
 
@@ -129,8 +129,13 @@ class Preference(SFT):
     def units(self, batch: dict) -> int:
         return batch["pairs"]
 
+    def logps(self, model, batch: dict, full_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed answer log-probs (P, 2) and answer lengths (P, 2) of the batch's pairs: the
+        training loss, the reference pass and the eval's rankings all take them from here."""
+        return pair_logps(model, batch, full_logits)
+
     def loss(self, model, batch: dict, full_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        logps, lengths = pair_logps(model, batch, full_logits)  # (P, 2) each
+        logps, lengths = self.logps(model, batch, full_logits)  # (P, 2) each
         losses, rewards = self.pair_losses(logps, batch.get("ref_logps"), lengths, batch.get("ties"))
         margin = (rewards[:, 0] - rewards[:, 1]).detach()
         stats = torch.stack([(margin > 0).float(), margin, rewards[:, 0].detach(), rewards[:, 1].detach(),
@@ -243,13 +248,30 @@ class KTO(Preference):
             print(f"chattune: warning: {warning}", file=sys.stderr, flush=True)
         return data
 
-    def collate(self, samples: list[dict], pad_id: int, **kw) -> dict:
-        batch = collate_pairs(samples, pad_id, **kw)
-        batch["desirable"] = torch.tensor([bool(s["label"]) for s in samples])  # (P,)
-        return batch
+    def collate(self, samples: list[dict], pad_id: int, *, packing: bool, bins=None, mask_dtype=torch.float32,
+                flat: bool = False) -> dict:
+        """The own answers as one batch (``segment_ids`` k for example k) and the mismatched ones
+        as another under ``"mismatched"``, row for row in the same layout: z0 takes no gradient,
+        so its answers are scored in a forward of their own without one (``logps``)."""
+        sides = [[split_pair(s)[k] for s in samples] for k in (0, 1)]
+        own, mismatched = (collate_segments(segs, pad_id, packing=packing, bins=bins, mask_dtype=mask_dtype, flat=flat)
+                           for segs in sides)
+        own.update(mismatched=mismatched, pairs=len(samples),
+                   desirable=torch.tensor([bool(s["label"]) for s in samples]))  # (P,)
+        return with_reference(own, samples)
+
+    def logps(self, model, batch: dict, full_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(own, mismatched) log-prob sums and lengths (P, 2): the own answers in the current
+        grad mode, the mismatched ones (z0's) under ``no_grad``, so training keeps no
+        activations for them (TRL's ``KTOTrainer`` scores its KL rows the same way)."""
+        n = batch["pairs"]
+        own, own_len = segment_logps(model, batch, n, full_logits)
+        with torch.no_grad():
+            mis, mis_len = segment_logps(model, batch["mismatched"], n, full_logits)
+        return torch.stack([own, mis], 1), torch.stack([own_len, mis_len], 1)
 
     def loss(self, model, batch: dict, full_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        logps, lengths = pair_logps(model, batch, full_logits)  # (P, 2) each
+        logps, lengths = self.logps(model, batch, full_logits)  # (P, 2) each
         if batch.get("ref_logps") is None:
             raise RuntimeError("kto needs the reference log-probs (Preference.start)")
         desirable = batch["desirable"].to(logps.device)
@@ -285,12 +307,22 @@ def collate_pairs(samples: list[dict], pad_id: int, *, packing: bool, bins=None,
     """SFT's collation of the pairs' answers as separate conversations, plus ``segment_ids`` (B, T):
     2k for pair k's chosen tokens, 2k + 1 for its rejected ones, -1 for padding."""
     segs = [seg for s in samples for seg in split_pair(s)]
+    seg_bins = [[2 * j + k for j in row for k in (0, 1)] for row in bins] if packing else None
+    batch = collate_segments(segs, pad_id, packing=packing, bins=seg_bins, mask_dtype=mask_dtype, flat=flat)
+    batch["pairs"] = len(samples)
+    if any(s.get("tie") for s in samples):
+        batch["ties"] = torch.tensor([bool(s.get("tie")) for s in samples])  # (P,)
+    return with_reference(batch, samples)
+
+
+def collate_segments(segs: list[dict], pad_id: int, *, packing: bool, bins=None, mask_dtype=torch.float32,
+                     flat: bool = False) -> dict:
+    """``collate`` of ``segs`` plus ``segment_ids`` (B, T): each token's index in ``segs``, -1 for padding."""
     if packing:
-        seg_bins = [[2 * j + k for j in row for k in (0, 1)] for row in bins]
-        layout = [[i for row in seg_bins for i in row]] if flat else seg_bins
+        layout = [[i for row in bins for i in row]] if flat else bins
     else:
-        seg_bins, layout = None, [[i] for i in range(len(segs))]
-    batch = collate(segs, pad_id, packing=packing, bins=seg_bins, mask_dtype=mask_dtype, flat=flat)
+        bins, layout = None, [[i] for i in range(len(segs))]
+    batch = collate(segs, pad_id, packing=packing, bins=bins, mask_dtype=mask_dtype, flat=flat)
     segment_ids = torch.full(batch["input_ids"].shape, -1, dtype=torch.long)  # (B, T)
     for r, row in enumerate(layout):
         start = 0
@@ -298,9 +330,11 @@ def collate_pairs(samples: list[dict], pad_id: int, *, packing: bool, bins=None,
             n = len(segs[i]["input_ids"])
             segment_ids[r, start:start + n] = i
             start += n
-    batch["segment_ids"], batch["pairs"] = segment_ids, len(samples)
-    if any(s.get("tie") for s in samples):
-        batch["ties"] = torch.tensor([bool(s.get("tie")) for s in samples])  # (P,)
+    batch["segment_ids"] = segment_ids
+    return batch
+
+
+def with_reference(batch: dict, samples: list[dict]) -> dict:
     if all("ref" in s for s in samples):
         batch["ref_logps"] = torch.tensor([s["ref"] for s in samples], dtype=torch.float32)  # (P, 2)
     return batch

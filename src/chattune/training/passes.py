@@ -5,7 +5,7 @@ training step, ``autocast``).
 
 Also the two per-sample measurements those passes take: the answer-token loss of SFT
 samples (``loss_on_samples``) and the summed answer log-probs of preference pairs
-(``pair_logps``).
+(``pair_logps``, per answer segment ``segment_logps``).
 """
 
 from __future__ import annotations
@@ -19,11 +19,13 @@ import torch
 from chattune.data import IGNORE_INDEX, collate
 from chattune.training.loss import shift_targets, token_losses
 
-EXTRA_KEYS = ("segment_ids", "pairs", "ref_logps", "ties", "desirable")  # batch entries the model must not see
+EXTRA_KEYS = ("segment_ids", "pairs", "ref_logps", "ties", "desirable", "mismatched")  # batch entries the model must not see
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """The batch's tensors on ``device``, those of nested batches (KTO's mismatched answers) too."""
+    return {k: v.to(device) if torch.is_tensor(v) else to_device(v, device) if isinstance(v, dict) else v
+            for k, v in batch.items()}
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -44,17 +46,23 @@ def passes(model, batches: Iterable[dict], device: torch.device, dtype: torch.dt
 
 def pair_logps(model, batch: dict, full_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed answer log-probs (P, 2) float32 (chosen, rejected) and answer lengths (P, 2)."""
+    logps, lengths = segment_logps(model, batch, 2 * batch["pairs"], full_logits)
+    return logps.view(-1, 2), lengths.view(-1, 2)
+
+
+def segment_logps(model, batch: dict, n: int, full_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed answer log-probs (n,) float32 of the batch's ``n`` segments (``segment_ids``
+    0..n-1) and their answer lengths (n,)."""
     inputs = {k: v for k, v in batch.items() if k not in EXTRA_KEYS}
     targets = shift_targets(inputs["labels"])  # (B, T)
     ce, keep = token_losses(model, inputs, targets, full_logits)  # (N,), (B, T)
     # Position t predicts t + 1; a segment's first label is always ignored, so the target of a
     # kept position lies in the position's own segment.
     seg = batch["segment_ids"][keep]  # (N,)
-    n = 2 * batch["pairs"]
     zeros = torch.zeros(n, dtype=torch.float32, device=ce.device)
     logps = zeros.index_add(0, seg, -ce.float())
     lengths = zeros.index_add(0, seg, torch.ones_like(ce, dtype=torch.float32))
-    return logps.view(-1, 2), lengths.view(-1, 2)
+    return logps, lengths
 
 
 def _answer_and_all_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 from chattune.data import batch_plan
 from chattune.files import atomic_write
-from chattune.training.passes import pair_logps, passes
+from chattune.training.passes import passes
 
 FILE = "reference_logps.safetensors"
 
@@ -76,7 +76,7 @@ def reference_logps(model, objective, samples: list[dict], pad_id: int, batch_si
             yield objective.collate([samples[i] for i in mb], pad_id, packing=packing, bins=mb.bins,
                                     mask_dtype=dtype or torch.float32, flat=flat)
 
-    for mb, (logps, _) in zip(plan, passes(model, batches(), device, dtype, pair_logps)):
+    for mb, (logps, _) in zip(plan, passes(model, batches(), device, dtype, objective.logps)):
         out[torch.tensor(list(mb))] = logps.float().cpu()
     return out
 
