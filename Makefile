@@ -34,7 +34,8 @@ test-killanywhere: venv
 MUTATE_DIR ?= /tmp/chattune-mutate
 MUTANTS ?= 'chattune.engine.sampling.*' 'chattune.engine.text.*' 'chattune.engine.core.*_accept__*' \
 	'chattune.serve.app.*' 'chattune.serve.protocol.*' 'chattune.data.select.*' 'chattune.data.render.*' \
-	'chattune.training.loss.*' 'chattune.training.objectives.*' 'chattune.training.unlikelihood.*'
+	'chattune.training.loss.*' 'chattune.training.objectives.*' 'chattune.training.unlikelihood.*' \
+	'chattune.training.kto.*' 'chattune.training.ties.*'
 mutate: venv
 	$(PY) -c "import mutmut" 2>/dev/null || $(PY) -m pip install -q -e '.[mutate]'
 	rm -rf $(MUTATE_DIR) && mkdir -p $(MUTATE_DIR)
