@@ -160,6 +160,23 @@ def test_every_tensor_choose_makes_sits_on_the_logits_device():
             assert choose(logits, rows, seeds) == want
 
 
+
+def test_the_seeded_generator_is_made_on_the_logits_device(monkeypatch):
+    # torch.rand refuses a CPU generator for a CUDA tensor, and a generator made without a
+    # device does not follow the default device, so the meta check above cannot see it:
+    # record the device each generator is asked for instead.
+    import chattune.engine.sampling as sampling
+
+    asked, real = [], torch.Generator
+
+    def generator(*args, **kw):
+        asked.append(kw.get("device", args[0] if args else None))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(sampling.torch, "Generator", generator)
+    choose(LOGITS[None], [SamplingParams(1.0, 0.9, 3, 1.0)], [5])
+    assert asked and all(d is not None and torch.device(d) == LOGITS.device for d in asked)
+
 # -- accepting a token -------------------------------------------------------------------------
 EOS = 9
 
