@@ -27,8 +27,8 @@ KTO (``--objective kto``) trains on the same pairs unpaired, as TRL's unpaired f
 ``{prompt, completion, label}``: each step the ``batch`` pairs' chosen answers (desirable)
 then their rejected ones (undesirable), ``2 x batch`` rows a step, fed in file order to both
 (``--format unpaired``; TRL's sequential sampler). Every answer is scored with a mismatched
-one (another prompt's answer) for the reference point z0: chattune's second segment, TRL's
-KL rows, both counted in tokens. TRL's reference is again the adapter switched off. The
+one (another prompt's answer) for the reference point z0: chattune's mismatched batch, TRL's
+KL rows, each scored by a forward without gradient, both counted in tokens. TRL's reference is again the adapter switched off. The
 JSON line then has ``vs_trl_kto`` and ``rss_vs_trl_kto`` (packed chattune over TRL) instead of
 ``vs_trl``/``rss_vs_trl``. The TRL side is ``benchmarks/_pref_trl.py``.
 """
