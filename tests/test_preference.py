@@ -56,6 +56,31 @@ def test_loss_formulas_follow_the_papers():
     assert float(zero[0]) == pytest.approx(LN2, abs=1e-7)  # robust DPO is ln 2 at a zero margin too
 
 
+def test_every_objective_is_registered_under_its_name():
+    assert {"sft", "dpo", "ipo", "simpo", "orpo", "kto"} <= set(OBJECTIVES)
+    assert all(isinstance(cls, type) and cls.name == name for name, cls in OBJECTIVES.items())
+
+
+def test_rewards_and_the_edges_of_the_formulas():
+    logps, ref, lengths = torch.tensor([[-1.0, -6.0]]), torch.tensor([[-2.0, -4.0]]), torch.tensor([[2.0, 3.0]])
+    ratios = logps - ref  # (1, 2): [1, -2]
+    for name in ("dpo", "ipo"):  # the implicit reward is beta times the log-ratio
+        _, rewards = OBJECTIVES[name]().pair_losses(logps, ref, lengths)
+        torch.testing.assert_close(rewards, 0.1 * ratios)
+    sp = F.softplus
+    h = torch.tensor(2.0 * (-1 / 2) - 2.0 * (-6 / 3) - 1.0)  # SimPO's margin
+    robust = (0.9 * sp(-h) - 0.1 * sp(h)) / 0.8  # label smoothing reaches SimPO too
+    assert float(OBJECTIVES["simpo"](label_smoothing=0.1).pair_losses(logps, ref, lengths)[0][0]) == \
+        pytest.approx(float(robust), rel=1e-6)
+    # ORPO at per-token means above -1 (no clamp in play) and at 0 (certain answer: finite, clamped)
+    mean = logps / lengths
+    odds = [m - math.log(1 - math.exp(m)) for m in mean[0].tolist()]
+    expect = -mean[0, 0] + 0.1 * sp(-torch.tensor(odds[0] - odds[1]))
+    assert float(OBJECTIVES["orpo"]().pair_losses(logps, ref, lengths)[0][0]) == pytest.approx(float(expect), rel=1e-6)
+    for certain in ([[0.0, -6.0]], [[-1.0, 0.0]], [[0.0, 0.0]]):
+        assert torch.isfinite(OBJECTIVES["orpo"]().pair_losses(torch.tensor(certain), ref, lengths)[0]).all(), certain
+
+
 # -- log-probs -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pairs(tiny_tokenizer):

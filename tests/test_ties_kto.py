@@ -132,9 +132,13 @@ def test_kto_at_the_reference_costs_half_each_weight():
 def test_balance_rule():
     assert balance_warning(100, 100, 1.0, 1.0) is None  # ratio 1
     assert balance_warning(130, 100, 1.0, 1.0) is None  # 1.3 <= 4/3
+    assert balance_warning(4, 3, 1.0, 1.0) is None  # exactly 4/3: inside, the bound is closed
+    assert balance_warning(3, 3, 1.0, 1.0) is None  # exactly 1
     message = balance_warning(38, 54, 1.0, 1.0)  # more undesirable than desirable answers
-    assert "0.70" in message and "kto_desirable_weight=1.42" in message
-    assert "desirable" in balance_warning(10, 0, 1.0, 1.0)
+    assert "0.70" in message and "kto_desirable_weight=1.42 to 1.89 meets it" in message  # 54/38 and 4/3 of it
+    for n_d, n_u in ((10, 0), (0, 10)):
+        assert balance_warning(n_d, n_u, 1.0, 1.0) == (f"kto: the training split has {n_d} desirable and {n_u} "
+                                                       "undesirable answers; KTO learns from both kinds")
 
 
 # -- training ----------------------------------------------------------------------------------
@@ -253,3 +257,50 @@ def test_kto_scores_mismatched_answers_without_gradient_and_as_the_pair_layout(t
         assert torch.equal(lengths, expect_len)
         logps[:, 0].sum().backward()  # the own answers train; the mismatched column has no graph
         assert logps.grad_fn is not None
+
+
+def test_loss_sums_and_metrics_of_dpo_and_kto(tiny_tokenizer):
+    """``loss`` returns the sum of the per-pair (per-answer) losses and the sums of the metrics
+    the loop logs, in the order ``metrics`` names them."""
+    from chattune.data import DataConfig
+    from chattune.data.pairs import prepare_pairs
+    from chattune.data.votes import prepare_kto
+    from chattune.training.objectives import METRICS, collate_pairs
+    from chattune.training.passes import pair_logps
+    from conftest import build_model
+
+    cfg = DataConfig(dataset="sample", max_length=128, val_ratio=0, test_ratio=0)
+    model, pad = build_model("llama", len(tiny_tokenizer)), tiny_tokenizer.pad_token_id
+    shift = torch.tensor([[0.7, -0.4], [-1.2, 0.3], [0.2, 0.9], [-0.5, 0.8]])  # reference = policy - shift
+    pairs = prepare_pairs(cfg, tiny_tokenizer).splits["train"][:4]
+    with torch.no_grad():
+        logps, lengths = pair_logps(model, collate_pairs(pairs, pad, packing=False))
+    for s, lp, d in zip(pairs, logps.tolist(), shift.tolist()):
+        s["ref"] = [lp[0] - d[0], lp[1] - d[1]]
+    dpo = OBJECTIVES["dpo"]()
+    assert dpo.metrics == METRICS
+    loss, stats = dpo.loss(model, collate_pairs(pairs, pad, packing=False))
+    rewards = 0.1 * shift
+    margin = rewards[:, 0] - rewards[:, 1]
+    expect = [(margin > 0).sum(), margin.sum(), rewards[:, 0].sum(), rewards[:, 1].sum(), logps[:, 0].sum(),
+              logps[:, 1].sum(), lengths[:, 0].sum(), lengths[:, 1].sum()]
+    torch.testing.assert_close(stats, torch.stack(expect).double(), rtol=1e-4, atol=1e-4)
+    assert float(loss.detach()) == pytest.approx(float(torch.nn.functional.softplus(-margin).sum()), rel=1e-4)
+
+    kto = OBJECTIVES["kto"](beta=0.1, desirable_weight=1.5, undesirable_weight=0.7)
+    answers = prepare_kto(cfg, tiny_tokenizer).splits["train"][:4]
+    with torch.no_grad():
+        logps, lengths = kto.logps(model, kto.collate(answers, pad, packing=False))
+    for s, lp, d in zip(answers, logps.tolist(), shift.tolist()):
+        s["ref"] = [lp[0] - d[0], lp[1] - d[1]]
+    desirable = torch.tensor([bool(s["label"]) for s in answers])
+    assert desirable.any() and not desirable.all()
+    loss, stats = kto.loss(model, kto.collate(answers, pad, packing=False))
+    z0 = max(0.0, float(shift[:, 1].mean()))
+    r = shift[:, 0]
+    sign = desirable.float() * 2 - 1
+    margin = sign * 0.1 * (r - z0)
+    expect = [torch.tensor(4 * z0), (margin > 0).sum(), margin.sum(), logps[:, 0].sum(), lengths[:, 0].sum()]
+    torch.testing.assert_close(stats, torch.stack(expect).double(), rtol=1e-4, atol=1e-4)
+    losses = kto_formula(r.tolist(), shift[:, 1].tolist(), desirable.tolist(), 0.1, 1.5, 0.7)
+    assert float(loss.detach()) == pytest.approx(sum(losses), rel=1e-4)
