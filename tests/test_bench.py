@@ -64,3 +64,18 @@ def test_quick_bench_prints_the_table_and_one_json_line(tmp_path):
     generation = figures["generation"]
     assert generation["prefix"]["kv_cache"] and generation["plain_generate"]["kv_cache"]
     assert all(generation[m]["kv_cache"] for m in generation)
+
+
+def test_no_benchmark_script_shadows_a_module_a_library_imports():
+    """A script run as ``python benchmarks/x.py`` puts benchmarks/ first on sys.path, so a file there
+    named like a package transformers probes for (``kernels.py`` was one) is imported in its place."""
+    import importlib.util
+    import re
+    import transformers.utils.import_utils as probes
+    probed = set(re.findall(r'_is_package_available\(\s*"([A-Za-z0-9_]+)"', Path(probes.__file__).read_text()))
+    assert "kernels" in probed and "peft" in probed  # the pattern still finds transformers' probes
+    here = Path(__file__).resolve().parents[1] / "benchmarks"
+    names = {p.stem for p in here.glob("*.py")}
+    installed = {n for n in names if importlib.util.find_spec(n) is not None
+                 and Path(importlib.util.find_spec(n).origin or "").parent != here}
+    assert not names & probed and not installed, sorted(names & probed | installed)

@@ -129,7 +129,7 @@ def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     dtype = value.dtype  # under autocast RoPE leaves query and key in float32, value in bfloat16
     if query.device.type == "cpu":
         # torch's CPU flash kernel, forward + backward, runs float32 faster than bfloat16 at
-        # the 100-300 tokens most conversations have (benchmarks/kernels.py), and float32 is
+        # the 100-300 tokens most conversations have (benchmarks/step_kernels.py), and float32 is
         # the more exact of the two.
         query, key, value = query.float(), key.float(), value.float()
     with torch.autocast(query.device.type, enabled=False):

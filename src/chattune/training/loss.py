@@ -10,7 +10,7 @@ tokens are recognised as extra leading positions and skipped.
 ``cross_entropy`` is written here because torch's, given bfloat16 logits, either computes
 the log-softmax in bfloat16 or needs a float32 copy of the (N, V) logits, a float32
 log-softmax kept for backward, a zero-filled (N, V) gradient and a cast back
-(benchmarks/kernels.py measures both). It reads the logits in row
+(benchmarks/step_kernels.py measures both). It reads the logits in row
 chunks, in float32, keeps only their log-sum-exp, and writes the gradient
 ``softmax - onehot`` directly in the logits' dtype: the same float32 arithmetic, fewer passes.
 """

@@ -1,6 +1,6 @@
 """Two kernel choices behind chattune's training step, each against its alternative, in one process.
 
-    .venv/bin/python benchmarks/kernels.py
+    .venv/bin/python benchmarks/step_kernels.py
 
 1. Attention of one packed conversation (``chattune.models.attention``): causal sdpa forward +
    backward on (1, heads, n, head_dim) at SmolLM2's shape (9 heads x 64), for typical
