@@ -82,6 +82,11 @@ def test_the_tie_loss_is_least_at_zero_margin(model):
     assert torch.allclose(losses, losses.flip(0), rtol=1e-12)  # even in d: A and B are interchangeable
 
 
+def test_an_unknown_tie_model_is_named():
+    with pytest.raises(ValueError, match="^unknown tie model 'bradley'$"):
+        tie_losses(torch.zeros(1), torch.zeros(1, dtype=torch.bool), "bradley", 1.0)
+
+
 def test_dpo_reads_tie_pairs_from_the_batch():
     logps, ref = torch.tensor([[-10.0, -12.0]]), torch.tensor([[-11.0, -11.0]])
     lengths = torch.tensor([[2.0, 4.0]])

@@ -70,6 +70,27 @@ def test_no_repeats_no_loss_and_the_target_is_never_a_candidate():
     assert unlikelihood_sum(logits[:0], torch.tensor([], dtype=torch.long), answer_runs(keep[:, :0])).item() == 0
 
 
+def test_the_sum_is_float32_and_made_on_the_logits_device():
+    keep = torch.ones(2, 70, dtype=torch.bool)  # two answers of 70: chunks straddle the second's start
+    g = torch.Generator().manual_seed(0)
+    targets = torch.randint(0, 9, (140,), generator=g)
+    runs = answer_runs(keep)
+    first = first_occurrences(targets, runs)
+    assert first.dtype == torch.bool and first[0] and first[70]  # each answer's first token is new
+    logits = torch.randn(140, 9, generator=g, requires_grad=True)
+    want = unlikelihood_sum(logits, targets, runs)
+    (want_grad,) = torch.autograd.grad(want, logits)
+    with torch.device("meta"):  # a tensor made without the logits' device breaks on the CPU too
+        got = unlikelihood_sum(logits, targets, runs)
+        (got_grad,) = torch.autograd.grad(got, logits)
+    assert got.device == logits.device and torch.equal(got, want) and torch.equal(got_grad, want_grad)
+    # bfloat16 logits: the sum is float32 even when no position has a candidate
+    same = torch.full((4,), 3)  # the target is never its own candidate
+    none = unlikelihood_sum(torch.randn(4, 9).bfloat16(), same, answer_runs(keep[:1, :4]))
+    assert none.dtype == torch.float32 and none.item() == 0
+    assert unlikelihood_sum(torch.randn(4, 9).bfloat16(), torch.tensor([1, 2, 1, 2]), answer_runs(keep[:1, :4])).dtype == torch.float32
+
+
 def samples_with_loops(n: int) -> list[dict]:
     """Prompt tokens (no loss) then an answer that repeats itself."""
     g = torch.Generator().manual_seed(1)

@@ -29,8 +29,7 @@ BALANCE = (1.0, 4 / 3)
 
 
 def kto_losses(logps: torch.Tensor, ref: torch.Tensor, desirable: torch.Tensor, beta: float,
-               desirable_weight: float = 1.0, undesirable_weight: float = 1.0
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               desirable_weight: float, undesirable_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-answer losses (P,), log-ratios r (P,) and z0 (a 0-d tensor, no gradient).
 
     ``logps``/``ref``: (P, 2) summed log-probs of (own answer, mismatched answer);
