@@ -77,3 +77,49 @@ def test_token_loss_sum_scores_the_targets_it_is_given():
     assert count == 1 and torch.allclose(total, F.cross_entropy(logits, torch.tensor(7)), atol=1e-5)
     assert n == 5 and not torch.allclose(default, total)
     assert (shift_targets(batch["labels"])[0, :-1] == ids[0, 1:]).all()
+
+
+def test_no_rows_give_an_empty_float32_loss():
+    assert cross_entropy(torch.zeros(0, 10, dtype=torch.bfloat16), torch.zeros(0, dtype=torch.long)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("method", ["full", "prompt"])  # prompt tuning prepends virtual positions
+def test_full_logits_select_the_same_positions_as_the_head_hook(method, tiny_tokenizer):
+    from chattune.methods import get_method
+    from chattune.training.loss import answer_logits
+    from conftest import build_model
+    m = get_method(method)
+    model = m.apply(build_model("llama", len(tiny_tokenizer)), m.config_cls(), tiny_tokenizer).eval()
+    ids = torch.randint(5, 60, (2, 7), generator=torch.Generator().manual_seed(0))
+    keep = torch.zeros(2, 7, dtype=torch.bool)
+    keep[0, 2:5], keep[1, 4:] = True, True
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    with torch.no_grad():
+        selected = answer_logits(model, batch, keep)
+        full = answer_logits(model, batch, keep, full_logits=True)
+        whole = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -7:]
+    assert selected.shape == (int(keep.sum()), len(tiny_tokenizer))
+    torch.testing.assert_close(full, selected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(full, whole[keep], atol=1e-5, rtol=1e-5)
+
+
+def test_unwrap_takes_a_distributed_wrappers_module_only():
+    from chattune.training.loss import unwrap
+
+    class Model(torch.nn.Module):
+        def get_output_embeddings(self):
+            return None
+
+    class Wrapper(torch.nn.Module):  # what DistributedDataParallel looks like: .module, no LM head
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    inner = Model()
+    assert unwrap(Wrapper(inner)) is inner
+    assert unwrap(inner) is inner
+    both = Model()
+    both.module = torch.nn.Linear(1, 1)  # a model that has its own LM head and a .module child stays
+    assert unwrap(both) is both
+    plain = torch.nn.Linear(1, 1)
+    assert unwrap(plain) is plain
