@@ -113,7 +113,8 @@ def test_system_text_goes_in_front_of_the_first_user_turn_and_assistant_turns_st
 def test_turns_must_start_and_end_with_the_user(app, roles):
     client, served, _ = app
     body = error(client.post(URL, json={"model": "a", "messages": [{"role": r, "content": "x"} for r in roles]}), 400)
-    assert body["param"] == "messages" and "start and end with a user message" in body["message"]
+    assert body["param"] == "messages"
+    assert body["message"] == "messages must start and end with a user message (after any system messages)"
     assert not served.calls
 
 
@@ -375,7 +376,7 @@ def limited(messages, limit=8, headers=()):
     seen, sent, reads = {}, [], []
 
     async def app(scope, receive, send):
-        seen["body"] = (await receive())["body"]
+        seen["message"] = await receive()
 
     async def receive():
         reads.append(1)
@@ -387,7 +388,9 @@ def limited(messages, limit=8, headers=()):
     scope = {"type": "http", "method": "POST", "headers": list(headers), "path": URL}
     asyncio.run(BodyLimit(app, limit)(scope, receive, send))
     status = sent[0]["status"] if sent else None
-    return seen.get("body"), status, len(reads)
+    if "message" in seen:  # the app is handed the whole body as one final message
+        assert seen["message"] == {"type": "http.request", "body": seen["message"]["body"], "more_body": False}
+    return seen.get("message", {}).get("body"), status, len(reads)
 
 
 def test_the_body_limit_joins_a_chunked_body_and_replays_it_whole():
@@ -403,3 +406,7 @@ def test_the_body_limit_joins_a_chunked_body_and_replays_it_whole():
     # Content-Length over the limit is refused before anything is read
     assert limited([], headers=[(b"content-length", b"9")]) == (None, 413, 0)
     assert limited([{"type": "http.request", "body": b"ab"}], headers=[(b"content-length", b"2")]) == (b"ab", None, 1)
+
+
+def test_an_api_error_reads_as_its_message():
+    assert str(ApiError(400, "bad things", param="messages")) == "bad things"
