@@ -66,7 +66,8 @@ def test_flags_from_each_tag(fixtures):
 
 def test_language(fixtures):
     c = arena(fixtures, language="japanese")
-    assert ids(c) == {"r18:b"}
+    assert ids(c) == {"r18:b"} and c.dropped["language"] == 10
+    assert c.source.endswith("arena_rows.jsonl") and c.format == "arena"
     assert c.rows_read == c.rows_kept + sum(c.dropped.values())
 
 
@@ -182,3 +183,18 @@ def test_a_missing_or_unknown_vote_is_bad_input(tmp_path, winner, reason, messag
     assert load_conversations(DataConfig(dataset=path)).dropped == Counter({reason: 1})
     with pytest.raises(UserError, match=re.escape(f": {reason}: {message} (drop --strict")):
         load_conversations(DataConfig(dataset=path, strict=True))
+
+
+def test_first_turn_only_keeps_the_first_exchange_whatever_follows(tmp_path):
+    turns = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."},
+             {"role": "assistant", "content": "Anyone?"}]  # later turns that do not alternate
+    row = {"question_id": "f1", "winner": "model_a", "conversation_a": turns, "conversation_b": turns}
+    path = jsonl(tmp_path / "arena.jsonl", [row])
+    first = load_conversations(DataConfig(dataset=path, turns="first"))
+    assert [m["content"] for m in first.samples[0]["messages"]] == ["Hi?", "Hello."]
+    assert load_conversations(DataConfig(dataset=path)).dropped == Counter({"non_alternating": 1})
+
+
+def test_a_drop_reads_as_its_reason():
+    from chattune.data.select import Drop
+    assert str(Drop("language")) == "language" and Drop("language").reason == "language"
