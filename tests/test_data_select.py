@@ -198,3 +198,14 @@ def test_first_turn_only_keeps_the_first_exchange_whatever_follows(tmp_path):
 def test_a_drop_reads_as_its_reason():
     from chattune.data.select import Drop
     assert str(Drop("language")) == "language" and Drop("language").reason == "language"
+
+
+@pytest.mark.parametrize("bounds, kept", [({"min_response_chars": 11}, True), ({"min_response_chars": 12}, False),
+                                          ({"max_response_chars": 11}, True), ({"max_response_chars": 10}, False),
+                                          ({"min_prompt_chars": 13}, True), ({"max_prompt_chars": 13}, True),
+                                          ({"max_prompt_chars": 12}, False)])
+def test_character_bounds_are_inclusive(tmp_path, bounds, kept):
+    turns = [{"role": "user", "content": "Is water wet?"}, {"role": "assistant", "content": "Yes, it is."}]  # 13, 11
+    row = {"question_id": "b1", "winner": "model_a", "conversation_a": turns, "conversation_b": turns}
+    c = load_conversations(DataConfig(dataset=jsonl(tmp_path / "arena.jsonl", [row]), **bounds))
+    assert (ids(c) == {"b1:a"}) is kept
