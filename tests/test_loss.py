@@ -1,4 +1,5 @@
-"""chattune.training.loss.cross_entropy against torch's: the same losses and gradients."""
+"""chattune.training.loss: cross_entropy against torch's (the same losses and gradients, on the
+logits' device), the positions the loss reads, and the wrapper it unwraps."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chattune.training.loss import _CrossEntropy, cross_entropy
+from chattune.data import IGNORE_INDEX
+from chattune.methods import get_method
+from chattune.training.loss import _CrossEntropy, answer_logits, cross_entropy, shift_targets, token_loss_sum, unwrap
+from conftest import build_model
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -61,9 +65,6 @@ def test_cross_entropy_makes_its_tensors_on_the_logits_device():
 
 
 def test_token_loss_sum_scores_the_targets_it_is_given():
-    from chattune.data import IGNORE_INDEX
-    from chattune.training.loss import shift_targets, token_loss_sum
-    from conftest import build_model
     torch.manual_seed(0)
     model = build_model("gpt2", 64)
     ids = torch.randint(0, 50, (1, 6))
@@ -85,9 +86,6 @@ def test_no_rows_give_an_empty_float32_loss():
 
 @pytest.mark.parametrize("method", ["full", "prompt"])  # prompt tuning prepends virtual positions
 def test_full_logits_select_the_same_positions_as_the_head_hook(method, tiny_tokenizer):
-    from chattune.methods import get_method
-    from chattune.training.loss import answer_logits
-    from conftest import build_model
     m = get_method(method)
     model = m.apply(build_model("llama", len(tiny_tokenizer)), m.config_cls(), tiny_tokenizer).eval()
     ids = torch.randint(5, 60, (2, 7), generator=torch.Generator().manual_seed(0))
@@ -104,8 +102,6 @@ def test_full_logits_select_the_same_positions_as_the_head_hook(method, tiny_tok
 
 
 def test_unwrap_takes_a_distributed_wrappers_module_only():
-    from chattune.training.loss import unwrap
-
     class Model(torch.nn.Module):
         def get_output_embeddings(self):
             return None
