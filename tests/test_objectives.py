@@ -156,3 +156,32 @@ def test_the_metric_window_averages_everything_added_since_the_last_pop():
     assert window.pop() == {}
     window.add(torch.tensor([4.0, 6.0]), 2)
     assert window.pop() == {"a": 2.0, "b": 3.0}
+
+
+def test_the_preference_collate_passes_the_layout_through(pairs, tiny_tokenizer):
+    pad, dpo, bins = tiny_tokenizer.pad_token_id, OBJECTIVES["dpo"](), [[0, 1], [2, 3]]
+    padded = dpo.collate(pairs, pad, packing=False)
+    assert padded["input_ids"].shape[0] == 2 * len(pairs) and (padded["input_ids"][padded["attention_mask"] == 0] == pad).all()
+    assert (padded["attention_mask"] == 0).any()  # the answers differ in length: there is padding to check
+    packed = dpo.collate(pairs, pad, packing=True, bins=bins, mask_dtype=torch.bfloat16)
+    assert packed["input_ids"].shape[0] == 2 and packed["attention_mask"].dtype == torch.bfloat16
+    assert dpo.collate(pairs, pad, packing=True, bins=bins, flat=True)["input_ids"].shape[0] == 1
+
+
+def test_dpo_settings_come_from_the_train_arguments(monkeypatch):
+    from chattune.training.settings import TrainArgs
+    smoothed = objectives.get_objective(TrainArgs(objective="dpo", label_smoothing=0.1))
+    assert smoothed.label_smoothing == 0.1 and smoothed.ties == "drop"
+    dpo = objectives.get_objective(TrainArgs(objective="dpo", beta=0.3, sft_weight=0.2, ties="davidson", tie_nu=0.7))
+    assert (dpo.beta, dpo.sft_weight, dpo.ties, dpo.tie_nu) == (0.3, 0.2, "davidson", 0.7)
+    asked = []
+    monkeypatch.setattr(objectives, "prepare_pairs", lambda cfg, tok, ties: asked.append(ties))
+    dpo.prepare(CFG, None)
+    OBJECTIVES["dpo"]().prepare(CFG, None)  # ties dropped by default: no tie pairs are built
+    assert asked == [True, False]
+
+
+def test_preference_training_switches_dropout_off():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.3), torch.nn.Sequential(torch.nn.Dropout(0.1)))
+    objectives.disable_dropout(model)
+    assert [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)] == [0.0, 0.0]
